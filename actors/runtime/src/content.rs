@@ -1,0 +1,401 @@
+//! Staging of file content in memfd buffers, and the `Store` the actor hands to the core.
+//!
+//! A file open for writing gets a memfd. Writes land there, chunk by chunk; a chunk is loaded
+//! from redb the first time it is touched, so opening a large file costs nothing up front.
+//! FLUSH, fsync and release copy only the dirty chunks (and the attributes the writes changed)
+//! into the batch's transaction: the cost of a flush follows the bytes changed, not the size.
+//! When the memfds together hold more than the budget, the file being written is persisted
+//! and its memfd emptied.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+use nix::fcntl::{fallocate, FallocateFlags};
+use spoolfs_core::{Dentry, Ino, Inode, Store, StoreError, StoreResult, CHUNK_SIZE};
+use spoolfs_store::Tables;
+
+const CHUNK: usize = CHUNK_SIZE as usize;
+
+fn io_err(what: &str, ino: Ino, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{what} for inode {ino}: {e}"))
+}
+
+/// The staging buffer of one file open for writing.
+struct Staged {
+    memfd: File,
+    /// Chunks whose current bytes are in the memfd (loaded or written).
+    present: BTreeSet<u64>,
+    /// Chunks changed since the last flush.
+    dirty: BTreeSet<u64>,
+    /// Attributes changed by writes since the last flush.
+    attrs: Option<Inode>,
+}
+
+/// All staging buffers, owned by the actor.
+pub struct ContentCache {
+    files: HashMap<Ino, Staged>,
+    budget_bytes: u64,
+    resident_chunks: u64,
+}
+
+impl ContentCache {
+    pub fn new(budget_bytes: u64) -> Self {
+        ContentCache {
+            files: HashMap::new(),
+            budget_bytes,
+            resident_chunks: 0,
+        }
+    }
+
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_chunks * CHUNK_SIZE
+    }
+
+    pub fn dirty_chunks(&self) -> u64 {
+        self.files.values().map(|f| f.dirty.len() as u64).sum()
+    }
+}
+
+/// The view of state the core sees during one batch: redb tables overlaid with staging.
+pub struct BatchStore<'a, 't> {
+    pub tables: &'a mut Tables<'t>,
+    pub cache: &'a mut ContentCache,
+    /// Something was written into the transaction (it must be committed, not aborted).
+    pub wrote: bool,
+    /// A storage call failed: the transaction may hold half an operation and must be aborted.
+    pub failed: Option<StoreError>,
+}
+
+impl<'a, 't> BatchStore<'a, 't> {
+    pub fn new(tables: &'a mut Tables<'t>, cache: &'a mut ContentCache) -> Self {
+        BatchStore {
+            tables,
+            cache,
+            wrote: false,
+            failed: None,
+        }
+    }
+
+    /// Record a storage failure so the actor aborts the batch.
+    fn check<T>(&mut self, r: StoreResult<T>) -> StoreResult<T> {
+        if let Err(e) = &r {
+            if self.failed.is_none() {
+                self.failed = Some(e.clone());
+            }
+        }
+        r
+    }
+
+    fn write<T>(&mut self, r: StoreResult<T>) -> StoreResult<T> {
+        self.wrote = true;
+        self.check(r)
+    }
+
+    /// Copy dirty chunks of `ino` (for a file of `size` bytes) and its staged attributes into
+    /// the transaction.
+    fn persist(&mut self, ino: Ino, size: u64) -> StoreResult<()> {
+        let Some(f) = self.cache.files.get_mut(&ino) else {
+            return Ok(());
+        };
+        if f.dirty.is_empty() && f.attrs.is_none() {
+            return Ok(());
+        }
+        let dirty = std::mem::take(&mut f.dirty);
+        let attrs = f.attrs.take();
+        let mut buf = vec![0u8; CHUNK];
+        for idx in dirty {
+            let base = idx * CHUNK_SIZE;
+            if base >= size {
+                let r = self.tables.remove_chunk(ino, idx);
+                self.write(r)?;
+                continue;
+            }
+            let len = (size - base).min(CHUNK_SIZE) as usize;
+            let r = read_memfd(&self.cache.files[&ino].memfd, base, &mut buf[..len])
+                .map_err(|e| io_err("read memfd", ino, e));
+            self.check(r)?;
+            let r = self.tables.put_chunk(ino, idx, &buf[..len]);
+            self.write(r)?;
+        }
+        if let Some(attrs) = attrs {
+            let r = self.tables.put_inode(&attrs);
+            self.write(r)?;
+        }
+        Ok(())
+    }
+
+    fn size_of(&mut self, ino: Ino) -> StoreResult<u64> {
+        Ok(self.inode(ino)?.map_or(0, |i| i.size))
+    }
+
+    /// Persist and drop the memfd contents of `ino` (over budget).
+    fn evict(&mut self, ino: Ino) -> StoreResult<()> {
+        let size = self.size_of(ino)?;
+        self.persist(ino, size)?;
+        if let Some(f) = self.cache.files.get_mut(&ino) {
+            self.cache.resident_chunks -= f.present.len() as u64;
+            f.present.clear();
+            let r = f.memfd.set_len(0).map_err(|e| io_err("truncate memfd", ino, e));
+            self.check(r)?;
+        }
+        Ok(())
+    }
+}
+
+/// Read `buf.len()` bytes at `offset`; bytes past the memfd's end read as zero.
+fn read_memfd(memfd: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = memfd.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+fn punch(memfd: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    let (Ok(off), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+    };
+    fallocate(
+        memfd,
+        FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        off,
+        len,
+    )
+    .map_err(std::io::Error::from)
+}
+
+impl Store for BatchStore<'_, '_> {
+    fn inode(&mut self, ino: Ino) -> StoreResult<Option<Inode>> {
+        if let Some(attrs) = self.cache.files.get(&ino).and_then(|f| f.attrs.as_ref()) {
+            return Ok(Some(attrs.clone()));
+        }
+        let r = self.tables.inode(ino);
+        self.check(r)
+    }
+
+    fn put_inode(&mut self, inode: &Inode) -> StoreResult<()> {
+        self.persist(inode.ino, inode.size)?;
+        let r = self.tables.put_inode(inode);
+        self.write(r)
+    }
+
+    fn stage_inode(&mut self, inode: &Inode) -> StoreResult<()> {
+        let Some(f) = self.cache.files.get_mut(&inode.ino) else {
+            return self.put_inode(inode);
+        };
+        f.attrs = Some(inode.clone());
+        if self.cache.resident_bytes() > self.cache.budget_bytes {
+            self.evict(inode.ino)?;
+        }
+        Ok(())
+    }
+
+    fn remove_inode(&mut self, ino: Ino) -> StoreResult<()> {
+        if let Some(f) = self.cache.files.remove(&ino) {
+            self.cache.resident_chunks -= f.present.len() as u64;
+        }
+        let r = self.tables.remove_inode(ino);
+        self.write(r)
+    }
+
+    fn dentry(&mut self, parent: Ino, name: &[u8]) -> StoreResult<Option<Dentry>> {
+        let r = self.tables.dentry(parent, name);
+        self.check(r)
+    }
+
+    fn put_dentry(&mut self, parent: Ino, name: &[u8], d: Dentry) -> StoreResult<()> {
+        let r = self.tables.put_dentry(parent, name, d);
+        self.write(r)
+    }
+
+    fn remove_dentry(&mut self, parent: Ino, name: &[u8]) -> StoreResult<()> {
+        let r = self.tables.remove_dentry(parent, name);
+        self.write(r)
+    }
+
+    fn dentries(
+        &mut self,
+        parent: Ino,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> StoreResult<Vec<(Vec<u8>, Dentry)>> {
+        let r = self.tables.dentries(parent, after, limit);
+        self.check(r)
+    }
+
+    fn symlink_target(&mut self, ino: Ino) -> StoreResult<Option<Vec<u8>>> {
+        let r = self.tables.symlink_target(ino);
+        self.check(r)
+    }
+
+    fn put_symlink_target(&mut self, ino: Ino, target: &[u8]) -> StoreResult<()> {
+        let r = self.tables.put_symlink_target(ino, target);
+        self.write(r)
+    }
+
+    fn xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<Option<Vec<u8>>> {
+        let r = self.tables.xattr(ino, name);
+        self.check(r)
+    }
+
+    fn put_xattr(&mut self, ino: Ino, name: &[u8], value: &[u8]) -> StoreResult<()> {
+        let r = self.tables.put_xattr(ino, name, value);
+        self.write(r)
+    }
+
+    fn remove_xattr(&mut self, ino: Ino, name: &[u8]) -> StoreResult<()> {
+        let r = self.tables.remove_xattr(ino, name);
+        self.write(r)
+    }
+
+    fn xattr_names(&mut self, ino: Ino) -> StoreResult<Vec<Vec<u8>>> {
+        let r = self.tables.xattr_names(ino);
+        self.check(r)
+    }
+
+    fn read_chunk(&mut self, ino: Ino, idx: u64, offset: usize, buf: &mut [u8]) -> StoreResult<()> {
+        if let Some(f) = self.cache.files.get(&ino) {
+            if f.present.contains(&idx) {
+                let r = read_memfd(&f.memfd, idx * CHUNK_SIZE + offset as u64, buf)
+                    .map_err(|e| io_err("read memfd", ino, e));
+                return self.check(r);
+            }
+        }
+        let r = self.tables.read_chunk(ino, idx, offset, buf);
+        self.check(r)
+    }
+
+    fn write_chunk(&mut self, ino: Ino, idx: u64, offset: usize, data: &[u8]) -> StoreResult<()> {
+        if !self.cache.files.contains_key(&ino) {
+            let r = self.tables.write_chunk(ino, idx, offset, data);
+            return self.write(r);
+        }
+        let base = idx * CHUNK_SIZE;
+        let loaded = if self.cache.files[&ino].present.contains(&idx) {
+            None
+        } else {
+            let r = self.tables.chunk(ino, idx);
+            Some(self.check(r)?)
+        };
+        let Some(f) = self.cache.files.get_mut(&ino) else {
+            return Ok(());
+        };
+        let mut r = Ok(());
+        if let Some(stored) = loaded {
+            if let Some(bytes) = stored {
+                r = f.memfd.write_all_at(&bytes, base);
+            }
+            f.present.insert(idx);
+            self.cache.resident_chunks += 1;
+        }
+        if r.is_ok() {
+            r = f.memfd.write_all_at(data, base + offset as u64);
+        }
+        f.dirty.insert(idx);
+        let r = r.map_err(|e| io_err("write memfd", ino, e));
+        self.check(r)
+    }
+
+    fn truncate_chunk(&mut self, ino: Ino, idx: u64, len: usize) -> StoreResult<()> {
+        if let Some(f) = self.cache.files.get_mut(&ino) {
+            if f.present.contains(&idx) {
+                f.dirty.insert(idx);
+                let base = idx * CHUNK_SIZE;
+                let r = punch(&f.memfd, base + len as u64, (CHUNK - len) as u64)
+                    .map_err(|e| io_err("punch memfd", ino, e));
+                return self.check(r);
+            }
+        }
+        let r = self.tables.truncate_chunk(ino, idx, len);
+        self.write(r)
+    }
+
+    fn remove_chunks(&mut self, ino: Ino, from: u64, to: Option<u64>) -> StoreResult<()> {
+        if let Some(f) = self.cache.files.get_mut(&ino) {
+            let end = to.unwrap_or(u64::MAX);
+            let gone: Vec<u64> = f.present.range(from..end).copied().collect();
+            for idx in &gone {
+                f.present.remove(idx);
+            }
+            f.dirty.retain(|idx| *idx < from || *idx >= end);
+            self.cache.resident_chunks -= gone.len() as u64;
+            let mut r = Ok(());
+            for idx in gone {
+                r = r.and_then(|_| punch(&f.memfd, idx * CHUNK_SIZE, CHUNK_SIZE));
+            }
+            let r = r.map_err(|e| io_err("punch memfd", ino, e));
+            self.check(r)?;
+        }
+        let r = self.tables.remove_chunks(ino, from, to);
+        self.write(r)
+    }
+
+    fn next_chunk(&mut self, ino: Ino, from: u64) -> StoreResult<Option<u64>> {
+        let staged = self
+            .cache
+            .files
+            .get(&ino)
+            .and_then(|f| f.present.range(from..).next().copied());
+        let r = self.tables.next_chunk(ino, from);
+        let stored = self.check(r)?;
+        Ok(match (staged, stored) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    fn open_for_write(&mut self, ino: Ino) -> StoreResult<()> {
+        if self.cache.files.contains_key(&ino) {
+            return Ok(());
+        }
+        let memfd = memfd::MemfdOptions::default()
+            .close_on_exec(true)
+            .create(format!("spoolfs-{ino}"))
+            .map_err(|e| io_err("create memfd", ino, e));
+        let memfd = self.check(memfd)?.into_file();
+        self.cache.files.insert(
+            ino,
+            Staged {
+                memfd,
+                present: BTreeSet::new(),
+                dirty: BTreeSet::new(),
+                attrs: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn flush(&mut self, ino: Ino) -> StoreResult<()> {
+        let size = self.size_of(ino)?;
+        self.persist(ino, size)
+    }
+
+    fn close_content(&mut self, ino: Ino) -> StoreResult<()> {
+        self.flush(ino)?;
+        if let Some(f) = self.cache.files.remove(&ino) {
+            self.cache.resident_chunks -= f.present.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn add_orphan(&mut self, ino: Ino) -> StoreResult<()> {
+        let r = self.tables.add_orphan(ino);
+        self.write(r)
+    }
+
+    fn remove_orphan(&mut self, ino: Ino) -> StoreResult<()> {
+        let r = self.tables.remove_orphan(ino);
+        self.write(r)
+    }
+
+    fn orphans(&mut self) -> StoreResult<Vec<Ino>> {
+        let r = self.tables.orphans();
+        self.check(r)
+    }
+}

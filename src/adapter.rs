@@ -1,0 +1,508 @@
+//! The FUSE adapter: each fuser callback turns the kernel request into one message for the
+//! actor, with the fuser reply object captured in its responder. No filesystem state here.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use spoolfs_core::{Errno, Fh, Ino, Inode, Kind, SetAttr, SetTime, Timestamp};
+use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
+use tracing::warn;
+
+/// How long the kernel may cache entries and attributes. Zero: every lookup and stat asks
+/// the actor, so nothing stale can ever be shown.
+const TTL: Duration = Duration::ZERO;
+
+/// Largest write the kernel sends in one request.
+const MAX_WRITE: u32 = 1 << 20;
+
+pub struct Adapter {
+    actor: ActorHandle,
+}
+
+impl Adapter {
+    pub fn new(actor: ActorHandle) -> Self {
+        Adapter { actor }
+    }
+
+    fn send(&self, req: &Request, op: Op, reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static) {
+        self.actor.send(Msg {
+            caller: Caller {
+                unique: req.unique().0,
+                uid: req.uid(),
+                gid: req.gid(),
+                pid: req.pid(),
+            },
+            op,
+            reply: Box::new(reply),
+            queued: Instant::now(),
+        });
+    }
+}
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e.0)
+}
+
+fn ino(i: INodeNo) -> Ino {
+    Ino(i.0)
+}
+
+fn fh(f: FileHandle) -> Fh {
+    Fh(f.0)
+}
+
+fn name(n: &OsStr) -> Vec<u8> {
+    n.as_bytes().to_vec()
+}
+
+fn system_time(t: Timestamp) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs.unsigned_abs(), t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::new(t.secs.unsigned_abs(), 0) + Duration::new(0, t.nanos)
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timestamp::new(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Err(before) => {
+            // Before the epoch: floor to whole seconds plus a positive nanosecond part.
+            let d = before.duration();
+            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            if d.subsec_nanos() == 0 {
+                Timestamp::new(-secs, 0)
+            } else {
+                Timestamp::new(-secs - 1, 1_000_000_000 - d.subsec_nanos())
+            }
+        }
+    }
+}
+
+fn set_time(t: TimeOrNow) -> SetTime {
+    match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timestamp(t)),
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+pub fn file_attr(i: &Inode) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(i.ino.0),
+        size: i.size,
+        blocks: i.size.div_ceil(512),
+        atime: system_time(i.atime),
+        mtime: system_time(i.mtime),
+        ctime: system_time(i.ctime),
+        crtime: system_time(i.crtime),
+        kind: file_type(i.kind),
+        perm: (i.perm & 0o7777) as u16,
+        nlink: i.nlink,
+        uid: i.uid,
+        gid: i.gid,
+        rdev: i.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// A reply of the wrong shape for the request is a bug in the actor; answer EIO, never panic.
+fn mismatch(op: &str, r: &Reply) -> fuser::Errno {
+    warn!(op, reply = ?r, "actor answered with an unexpected reply kind");
+    fuser::Errno::EIO
+}
+
+fn entry_reply(reply: ReplyEntry) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::Entry(i)) => reply.entry(&TTL, &file_attr(&i), Generation(0)),
+        Ok(other) => reply.error(mismatch("entry", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn attr_reply(reply: ReplyAttr) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::Attr(i)) => reply.attr(&TTL, &file_attr(&i)),
+        Ok(other) => reply.error(mismatch("attr", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn empty_reply(reply: ReplyEmpty) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::Empty) => reply.ok(),
+        Ok(other) => reply.error(mismatch("empty", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn data_reply(reply: ReplyData) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::Data(d)) => reply.data(&d),
+        Ok(other) => reply.error(mismatch("data", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn open_reply(reply: ReplyOpen) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::Opened(f)) => reply.opened(FileHandle(f.0), FopenFlags::empty()),
+        Ok(other) => reply.error(mismatch("open", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn xattr_reply(reply: ReplyXattr) -> impl FnOnce(Result<Reply, Errno>) + Send {
+    move |r| match r {
+        Ok(Reply::XattrSize(n)) => reply.size(n),
+        Ok(Reply::Data(d)) => reply.data(&d),
+        Ok(other) => reply.error(mismatch("xattr", &other)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+impl Filesystem for Adapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_write(MAX_WRITE) {
+            let _ = config.set_max_write(max);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
+        let op = Op::Lookup { parent: ino(parent), name: name(n) };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn forget(&self, req: &Request, i: INodeNo, nlookup: u64) {
+        self.send(req, Op::Forget { nodes: vec![(ino(i), nlookup)] }, |_| {});
+    }
+
+    // batch_forget: fuser 0.18 keeps `ForgetOne` private, so its default (one `forget` per
+    // node) is used.
+
+    fn getattr(&self, req: &Request, i: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.send(req, Op::GetAttr { ino: ino(i) }, attr_reply(reply));
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        f: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: atime.map(set_time),
+            mtime: mtime.map(set_time),
+            ctime: ctime.map(timestamp),
+            fh: f.map(fh),
+        };
+        self.send(req, Op::SetAttr { ino: ino(i), set }, attr_reply(reply));
+    }
+
+    fn readlink(&self, req: &Request, i: INodeNo, reply: ReplyData) {
+        self.send(req, Op::ReadLink { ino: ino(i) }, data_reply(reply));
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::MkNod { parent: ino(parent), name: name(n), mode, rdev };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let op = Op::MkDir { parent: ino(parent), name: name(n), mode };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let op = Op::Unlink { parent: ino(parent), name: name(n) };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let op = Op::RmDir { parent: ino(parent), name: name(n) };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, n: &OsStr, target: &Path, reply: ReplyEntry) {
+        let op = Op::Symlink {
+            parent: ino(parent),
+            name: name(n),
+            target: target.as_os_str().as_bytes().to_vec(),
+        };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        if !(flags - (RenameFlags::RENAME_NOREPLACE | RenameFlags::RENAME_EXCHANGE)).is_empty() {
+            // RENAME_WHITEOUT is for overlay filesystems.
+            reply.error(fuser::Errno::EINVAL);
+            return;
+        }
+        let op = Op::Rename {
+            parent: ino(parent),
+            name: name(n),
+            new_parent: ino(new_parent),
+            new_name: name(new_name),
+            flags: spoolfs_core::RenameFlags {
+                noreplace: flags.contains(RenameFlags::RENAME_NOREPLACE),
+                exchange: flags.contains(RenameFlags::RENAME_EXCHANGE),
+            },
+        };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn link(&self, req: &Request, i: INodeNo, new_parent: INodeNo, new_name: &OsStr, reply: ReplyEntry) {
+        let op = Op::Link { ino: ino(i), new_parent: ino(new_parent), new_name: name(new_name) };
+        self.send(req, op, entry_reply(reply));
+    }
+
+    fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.send(req, Op::Open { ino: ino(i), flags: flags.0 }, open_reply(reply));
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let op = Op::Read { ino: ino(i), fh: fh(f), offset, size };
+        self.send(req, op, data_reply(reply));
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let op = Op::Write { ino: ino(i), fh: fh(f), offset, data: data.to_vec() };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Written(n)) => reply.written(n),
+            Ok(other) => reply.error(mismatch("write", &other)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn flush(&self, req: &Request, i: INodeNo, f: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        self.send(req, Op::Flush { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.send(req, Op::Release { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    }
+
+    fn fsync(&self, req: &Request, i: INodeNo, f: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.send(req, Op::Fsync { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    }
+
+    fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.send(req, Op::OpenDir { ino: ino(i) }, open_reply(reply));
+    }
+
+    fn readdir(&self, req: &Request, i: INodeNo, f: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let op = Op::ReadDir { ino: ino(i), fh: fh(f), offset };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Dir(entries)) => {
+                for (off, e) in entries {
+                    if reply.add(INodeNo(e.ino.0), off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                        break;
+                    }
+                }
+                reply.ok();
+            }
+            Ok(other) => reply.error(mismatch("readdir", &other)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn releasedir(&self, req: &Request, i: INodeNo, f: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.send(req, Op::ReleaseDir { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    }
+
+    fn fsyncdir(&self, req: &Request, i: INodeNo, f: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.send(req, Op::FsyncDir { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    }
+
+    fn statfs(&self, req: &Request, _i: INodeNo, reply: ReplyStatfs) {
+        self.send(req, Op::StatFs, move |r| match r {
+            Ok(Reply::Statfs(s)) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Ok(other) => reply.error(mismatch("statfs", &other)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        n: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::SetXattr { ino: ino(i), name: name(n), value: value.to_vec(), flags };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn getxattr(&self, req: &Request, i: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
+        let op = Op::GetXattr { ino: ino(i), name: name(n), size };
+        self.send(req, op, xattr_reply(reply));
+    }
+
+    fn listxattr(&self, req: &Request, i: INodeNo, size: u32, reply: ReplyXattr) {
+        self.send(req, Op::ListXattr { ino: ino(i), size }, xattr_reply(reply));
+    }
+
+    fn removexattr(&self, req: &Request, i: INodeNo, n: &OsStr, reply: ReplyEmpty) {
+        let op = Op::RemoveXattr { ino: ino(i), name: name(n) };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let op = Op::Access { ino: ino(i), mask: mask.bits() };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let op = Op::Create { parent: ino(parent), name: name(n), mode, flags };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Created(i, f)) => reply.created(
+                &TTL,
+                &file_attr(&i),
+                Generation(0),
+                FileHandle(f.0),
+                FopenFlags::empty(),
+            ),
+            Ok(other) => reply.error(mismatch("create", &other)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+
+    fn fallocate(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        let op = Op::Fallocate { ino: ino(i), fh: fh(f), offset, length, mode };
+        self.send(req, op, empty_reply(reply));
+    }
+
+    fn lseek(&self, req: &Request, i: INodeNo, f: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let op = Op::Lseek { ino: ino(i), fh: fh(f), offset, whence };
+        self.send(req, op, move |r| match r {
+            Ok(Reply::Offset(o)) => reply.offset(o),
+            Ok(other) => reply.error(mismatch("lseek", &other)),
+            Err(e) => reply.error(errno(e)),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_through_system_time() {
+        for t in [
+            Timestamp::new(0, 0),
+            Timestamp::new(1_700_000_000, 123_456_789),
+            Timestamp::new(-1, 500),
+            Timestamp::new(-12345, 999_999_999),
+        ] {
+            assert_eq!(timestamp(system_time(t)), t);
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! Daemon lifecycle: start in the background and report readiness, run the FUSE session,
+//! stop cleanly on SIGTERM/SIGINT or unmount.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fuser::{Config, Session, SessionACL};
+use spoolfs_runtime::{Actor, ActorConfig};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::adapter::Adapter;
+use crate::mount::{self, exit, Failure, Options};
+use crate::{LogFormat, MountArgs};
+
+/// Set in the environment of the background daemon started by `spoolfs mount`.
+const CHILD_ENV: &str = "SPOOLFS_DAEMON_CHILD";
+const READY_LINE: &str = "spoolfs-ready";
+
+fn fail(message: impl Into<String>) -> Failure {
+    Failure::new(exit::FAILURE, message)
+}
+
+fn init_logging(format: LogFormat, log_file: Option<&Path>) -> Result<(), Failure> {
+    let filter = EnvFilter::try_from_env("SPOOLFS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let result = match (log_file, format) {
+        (Some(path), format) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| fail(format!("{}: cannot open log file: {e}", path.display())))?;
+            let b = builder.with_writer(std::sync::Mutex::new(file)).with_ansi(false);
+            if format == LogFormat::Json {
+                b.json().try_init()
+            } else {
+                b.try_init()
+            }
+        }
+        (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
+        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+    };
+    result.map_err(|e| fail(format!("cannot set up logging: {e}")))
+}
+
+pub fn mount(args: MountArgs, log_format: LogFormat) -> Result<(), Failure> {
+    let mut opts = Options::defaults(nix::unistd::geteuid().is_root());
+    for list in &args.options {
+        opts.parse(list).map_err(|m| Failure::new(exit::USAGE, m))?;
+    }
+    let mnt = mount::check_mountpoint(&args.mountpoint)?;
+    let data_dir = mount::prepare_data_dir(&args.data_dir)?;
+    let is_child = std::env::var_os(CHILD_ENV).is_some();
+    if !args.foreground && !is_child {
+        return spawn_background(&data_dir);
+    }
+    let log_file = is_child.then(|| data_dir.join("spoolfs.log"));
+    init_logging(log_format, log_file.as_deref())?;
+    run(&args, &opts, &data_dir, &mnt, is_child)
+}
+
+/// Start the daemon as a child in its own session and wait until it reports the mount live
+/// (exit 0) or fails (its exit code, its message already on stderr).
+fn spawn_background(data_dir: &Path) -> Result<(), Failure> {
+    let exe = std::env::current_exe().map_err(|e| fail(format!("cannot find own binary: {e}")))?;
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| fail(format!("cannot start the daemon: {e}")))?;
+    let ready = child.stdout.take().is_some_and(|out| {
+        BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l == READY_LINE)
+    });
+    if ready {
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .map_err(|e| fail(format!("cannot wait for the daemon: {e}")))?;
+    Err(Failure::new(
+        status.code().filter(|c| *c != 0).unwrap_or(exit::FAILURE),
+        format!(
+            "the daemon did not come up (see above, and {}/spoolfs.log)",
+            data_dir.display()
+        ),
+    ))
+}
+
+fn run(args: &MountArgs, opts: &Options, data_dir: &Path, mnt: &Path, is_child: bool) -> Result<(), Failure> {
+    if is_child {
+        // Detach from the terminal's session so a hangup does not kill the mount.
+        let _ = nix::unistd::setsid();
+    }
+    let _lock = mount::lock_data_dir(data_dir)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("spoolfs-tokio")
+        .enable_all()
+        .build()
+        .map_err(|e| fail(format!("cannot start the tokio runtime: {e}")))?;
+    let mut config = ActorConfig::new(data_dir.to_path_buf());
+    config.sync = opts.sync;
+    config.dirsync = opts.dirsync;
+    config.memfd_budget = args.memfd_budget;
+    config.root_uid = nix::unistd::getuid().as_raw();
+    config.root_gid = nix::unistd::getgid().as_raw();
+    let (actor, actor_thread) = Actor::start(config, runtime.handle().clone())
+        .map_err(|e| fail(format!("{e}")))?;
+
+    let fd = mount::mount_fuse(data_dir, mnt, opts)?;
+    let mut session_config = Config::default();
+    session_config.n_threads = Some(args.fuse_threads.max(1));
+    session_config.clone_fd = args.fuse_threads > 1;
+    session_config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+    let acl = session_config.acl;
+    let session = match Session::from_fd(Adapter::new(actor), fd, acl, session_config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = mount::unmount(mnt, true);
+            return Err(fail(format!("{}: FUSE handshake failed: {e}", mnt.display())));
+        }
+    };
+    info!(data_dir = %data_dir.display(), mountpoint = %mnt.display(), pid = std::process::id(), "mounted");
+    if is_child {
+        announce_ready();
+    }
+    spawn_signal_handler(&runtime, mnt.to_path_buf());
+
+    if let Err(e) = session.run() {
+        error!(error = %e, "FUSE session ended with an error");
+    }
+    // The session (and with it every sender to the actor) is gone: the actor commits and stops.
+    if actor_thread.join().is_err() {
+        error!("the actor thread panicked");
+        return Err(fail("the actor thread panicked"));
+    }
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    info!(mountpoint = %mnt.display(), "unmounted; exiting");
+    Ok(())
+}
+
+/// Tell the waiting parent the mount is live, then let go of the pipe.
+fn announce_ready() {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{READY_LINE}");
+    let _ = out.flush();
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+        let _ = nix::unistd::dup2_stderr(&null);
+    }
+    let _ = std::io::stdout().as_raw_fd();
+}
+
+/// SIGTERM/SIGINT: unmount (lazily if busy); the session then ends and the actor commits.
+fn spawn_signal_handler(runtime: &tokio::runtime::Runtime, mnt: std::path::PathBuf) {
+    runtime.spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            warn!("cannot install signal handlers; stop with `spoolfs umount`");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: unmounting"),
+            _ = int.recv() => info!("SIGINT: unmounting"),
+        }
+        match mount::unmount(&mnt, false) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) => {
+                warn!(mountpoint = %mnt.display(), "mount busy: detaching lazily");
+                if let Err(e) = mount::unmount(&mnt, true) {
+                    error!(error = %e, "lazy unmount failed");
+                }
+            }
+            Err(e) => error!(error = %e, "unmount failed"),
+        }
+    });
+}
+
+pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
+    let abs = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let entry = mount::mount_at(&abs);
+    if entry.is_none() {
+        return Err(fail(format!("{}: not mounted", abs.display())));
+    }
+    match mount::unmount(&abs, lazy) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EBUSY) => {
+            return Err(fail(format!(
+                "{}: busy (a process has files open there); retry, or use --lazy to detach now",
+                abs.display()
+            )))
+        }
+        Err(e) => return Err(fail(format!("{}: unmount failed: {e}", abs.display()))),
+    }
+    // Wait for the daemon to write its last commit and release the data dir, so that a mount
+    // right after this returns finds it free.
+    if let Some(e) = entry.filter(|e| e.fs_type == "fuse.spoolfs") {
+        let data_dir = Path::new(&e.source);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mount::lock_holder(data_dir).is_some() {
+            if Instant::now() > deadline {
+                if lazy {
+                    return Ok(());
+                }
+                return Err(fail(format!(
+                    "{}: unmounted, but the daemon still holds {} after 30 s",
+                    abs.display(),
+                    data_dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! Mounting and unmounting: checks on the mountpoint and data dir, the mount(2) call that
+//! makes the mount appear as `fuse.spoolfs`, and the data dir lock.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Exit codes of `spoolfs mount` (distinct so scripts can tell the cases apart).
+pub mod exit {
+    pub const FAILURE: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const NOT_A_DIRECTORY: i32 = 16;
+    pub const ALREADY_MOUNTED: i32 = 17;
+    pub const STALE_MOUNT: i32 = 18;
+    pub const DATA_DIR_IN_USE: i32 = 19;
+}
+
+/// A failure with the exit code it maps to and one line for the operator.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: i32,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Mount options understood by spoolfs (`-o`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub ro: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+    pub noexec: bool,
+    pub noatime: bool,
+    pub suid: bool,
+    pub dev: bool,
+}
+
+impl Options {
+    /// Defaults: the kernel checks permissions; as root, other users may use the mount (a
+    /// mail server runs as its own user). setuid and device files are inert unless asked for.
+    pub fn defaults(is_root: bool) -> Self {
+        Options {
+            allow_other: is_root,
+            default_permissions: true,
+            ..Options::default()
+        }
+    }
+
+    /// Apply a comma list. Options mount(8) and fstab pass that mean nothing to a FUSE
+    /// filesystem (`rw`, `auto`, `nofail`, `_netdev`, `x-*`, ...) are accepted and ignored.
+    pub fn parse(&mut self, list: &str) -> Result<(), String> {
+        for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match opt {
+                "allow_other" => self.allow_other = true,
+                "default_permissions" => self.default_permissions = true,
+                "no_default_permissions" => self.default_permissions = false,
+                "ro" => self.ro = true,
+                "rw" => self.ro = false,
+                "sync" => self.sync = true,
+                "async" => self.sync = false,
+                "dirsync" => self.dirsync = true,
+                "noexec" => self.noexec = true,
+                "exec" => self.noexec = false,
+                "noatime" => self.noatime = true,
+                "atime" | "relatime" => self.noatime = false,
+                "suid" => self.suid = true,
+                "nosuid" => self.suid = false,
+                "dev" => self.dev = true,
+                "nodev" => self.dev = false,
+                "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
+                | "defaults" | "allow_root" => {}
+                o if o.starts_with("x-") || o.starts_with("comment=") => {}
+                "auto_unmount" => {
+                    return Err("auto_unmount is refused: after a crash the mountpoint must stay \
+                                dead (ENOTCONN) so the mail server defers instead of writing \
+                                into the directory underneath"
+                        .into())
+                }
+                o => return Err(format!("unknown mount option {o:?}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn mountinfo_unescape(s: &str) -> PathBuf {
+    // mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+    use std::os::unix::ffi::OsStringExt;
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from_vec(out))
+}
+
+/// A mount as listed in /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    pub fs_type: String,
+    pub source: String,
+}
+
+pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        // id parent major:minor root mount_point options [optional...] - fstype source super
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+            continue;
+        };
+        if fields.len() < 5 || fields.len() < dash + 3 {
+            continue;
+        }
+        out.push(MountEntry {
+            mount_point: mountinfo_unescape(fields[4]),
+            fs_type: fields[dash + 1].to_string(),
+            source: mountinfo_unescape(fields[dash + 2]).to_string_lossy().into_owned(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    mounts()
+        .ok()?
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == path)
+}
+
+/// The mountpoint must be an existing directory with nothing mounted on it.
+pub fn check_mountpoint(mnt: &Path) -> Result<PathBuf, Failure> {
+    match std::fs::metadata(mnt) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(Failure::new(
+                exit::STALE_MOUNT,
+                format!(
+                    "{}: a previous spoolfs mount is dead (transport endpoint is not connected); \
+                     clear it with `spoolfs umount --lazy {}` and mount again",
+                    mnt.display(),
+                    mnt.display()
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                exit::NOT_A_DIRECTORY,
+                format!("{}: cannot use as mountpoint: {e}", mnt.display()),
+            ))
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(Failure::new(
+                exit::NOT_A_DIRECTORY,
+                format!("{}: the mountpoint is not a directory", mnt.display()),
+            ))
+        }
+        Ok(_) => {}
+    }
+    let abs = std::fs::canonicalize(mnt).map_err(|e| {
+        Failure::new(exit::NOT_A_DIRECTORY, format!("{}: {e}", mnt.display()))
+    })?;
+    if let Some(m) = mount_at(&abs) {
+        return Err(Failure::new(
+            exit::ALREADY_MOUNTED,
+            format!(
+                "{}: already mounted ({} from {}); unmount it first",
+                abs.display(),
+                m.fs_type,
+                m.source
+            ),
+        ));
+    }
+    Ok(abs)
+}
+
+/// The data dir lock: an flock on `DATA_DIR/spoolfs.lock` holding the owner's PID, kept for
+/// the daemon's life so two daemons never share one database.
+pub struct DataDirLock {
+    _lock: Flock<File>,
+}
+
+pub const LOCK_FILE: &str = "spoolfs.lock";
+
+pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Failure> {
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| {
+                Failure::new(exit::FAILURE, format!("{}: cannot create data dir: {e}", dir.display()))
+            })?;
+    }
+    let abs = std::fs::canonicalize(dir)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", dir.display())))?;
+    if !abs.is_dir() {
+        return Err(Failure::new(
+            exit::NOT_A_DIRECTORY,
+            format!("{}: the data dir is not a directory", abs.display()),
+        ));
+    }
+    Ok(abs)
+}
+
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, Failure> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
+    let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let pid = pid.trim();
+            let holder = if pid.is_empty() { "another process".to_string() } else { format!("process {pid}") };
+            return Err(Failure::new(
+                exit::DATA_DIR_IN_USE,
+                format!(
+                    "{}: data dir is in use by {holder} (another spoolfs daemon); stop it or \
+                     use another data dir",
+                    dir.display()
+                ),
+            ));
+        }
+    };
+    let write_pid = |f: &mut File| -> std::io::Result<()> {
+        f.set_len(0)?;
+        f.rewind()?;
+        writeln!(f, "{}", std::process::id())?;
+        f.sync_all()
+    };
+    write_pid(&mut lock).map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
+    Ok(DataDirLock { _lock: lock })
+}
+
+/// The PID written in a data dir's lock file, if a live process holds the lock.
+pub fn lock_holder(dir: &Path) -> Option<u32> {
+    let file = File::open(dir.join(LOCK_FILE)).ok()?;
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_) => None,
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            file.read_to_string(&mut pid).ok()?;
+            pid.trim().parse().ok()
+        }
+    }
+}
+
+/// Open /dev/fuse and mount it at `mnt` as `fuse.spoolfs`, sourced from `data_dir`.
+pub fn mount_fuse(data_dir: &Path, mnt: &Path, opts: &Options) -> Result<OwnedFd, Failure> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")
+        .map_err(|e| {
+            Failure::new(exit::FAILURE, format!("/dev/fuse: {e} (is the fuse module loaded? try `modprobe fuse`)"))
+        })?;
+    let root_mode = std::fs::metadata(mnt).map(|m| m.mode()).unwrap_or(0o40755) & libc::S_IFMT;
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        root_mode,
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if opts.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    if opts.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = MsFlags::empty();
+    flags.set(MsFlags::MS_NOSUID, !opts.suid);
+    flags.set(MsFlags::MS_NODEV, !opts.dev);
+    flags.set(MsFlags::MS_RDONLY, opts.ro);
+    flags.set(MsFlags::MS_SYNCHRONOUS, opts.sync);
+    flags.set(MsFlags::MS_DIRSYNC, opts.dirsync);
+    flags.set(MsFlags::MS_NOEXEC, opts.noexec);
+    flags.set(MsFlags::MS_NOATIME, opts.noatime);
+    let source = data_dir.to_string_lossy().into_owned();
+    mount(
+        Some(source.as_str()),
+        mnt,
+        Some("fuse.spoolfs"),
+        flags,
+        Some(data.as_str()),
+    )
+    .map_err(|e| {
+        Failure::new(
+            exit::FAILURE,
+            format!("{}: mount failed: {e} (spoolfs must run as root to mount)", mnt.display()),
+        )
+    })?;
+    Ok(dev.into())
+}
+
+/// Unmount; `lazy` detaches even while the mount is busy.
+pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
+    let flags = if lazy { MntFlags::MNT_DETACH } else { MntFlags::empty() };
+    umount2(mnt, flags)
+}
