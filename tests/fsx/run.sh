@@ -127,7 +127,7 @@ else
     # fsx's defaults (256 KiB max file size, ops up to 64 KiB, weight 1 each
     # for read, write, mapread, mapwrite, truncate) plus the operations that
     # are off by default; see ~/.cargo/registry/src/*/fsx-0.3.2/doc/fsx.toml.
-    # Hole punching (punch_hole) stays off: it is not required of spoolfs.
+    # spoolfs implements FALLOC_FL_PUNCH_HOLE, so hole punching is exercised too.
     config=$work/fsx.toml
     cat >"$config" <<'EOF'
 [weights]
@@ -144,6 +144,7 @@ posix_fallocate = 1
 sendfile = 1
 posix_fadvise = 1
 copy_file_range = 1
+punch_hole = 1
 EOF
 fi
 cp "$config" "$logdir/fsx.toml"

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The whole spoolfs test suite, as CI runs it. Needs root (mount tests, pjdfstest) and
+# /dev/fuse. Installs the third-party test tools it needs from crates.io if missing.
+#
+#   bash tests/run-all.sh
+#
+# Steps: formatting, clippy, release build, cargo tests (pure core model test, redb store,
+# mount/crash tests), pjdfstest, fsx. The last line is `spoolfs: N passed, M failed` (steps).
+set -uo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+
+passed=0
+failed=0
+failures=()
+
+step() {
+    local name=$1
+    shift
+    echo
+    echo "=== $name: $*"
+    local start=$SECONDS
+    if "$@"; then
+        passed=$((passed + 1))
+        echo "=== $name: ok ($((SECONDS - start))s)"
+    else
+        failed=$((failed + 1))
+        failures+=("$name")
+        echo "=== $name: FAILED ($((SECONDS - start))s)"
+    fi
+}
+
+install_tool() {
+    local bin=$1 crate=$2 version=$3
+    if ! "$bin" --version 2>/dev/null | grep -qF "$version"; then
+        cargo install "$crate" --version "$version" --locked
+    fi
+}
+
+step install-tools bash -c "$(declare -f install_tool); install_tool pjdfstest pjdfstest 0.2.2 && install_tool fsx fsx 0.3.2"
+step fmt cargo fmt --all -- --check
+step clippy cargo clippy --workspace --all-targets -- -D warnings
+step build cargo build --release --workspace
+step cargo-test cargo test --release --workspace
+step pjdfstest bash tests/pjdfstest/run.sh
+step fsx bash tests/fsx/run.sh
+
+echo
+if ((failed > 0)); then
+    echo "failed steps: ${failures[*]}"
+fi
+echo "spoolfs: $passed passed, $failed failed"
+((failed == 0))
