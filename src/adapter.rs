@@ -32,7 +32,12 @@ impl Adapter {
         Adapter { actor }
     }
 
-    fn send(&self, req: &Request, op: Op, reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static) {
+    fn send(
+        &self,
+        req: &Request,
+        op: Op,
+        reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static,
+    ) {
         self.actor.send(Msg {
             caller: Caller {
                 unique: req.unique().0,
@@ -73,7 +78,10 @@ fn system_time(t: Timestamp) -> SystemTime {
 
 fn timestamp(t: SystemTime) -> Timestamp {
     match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => Timestamp::new(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos()),
+        Ok(d) => Timestamp::new(
+            i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            d.subsec_nanos(),
+        ),
         Err(before) => {
             // Before the epoch: floor to whole seconds plus a positive nanosecond part.
             let d = before.duration();
@@ -190,12 +198,21 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEntry) {
-        let op = Op::Lookup { parent: ino(parent), name: name(n) };
+        let op = Op::Lookup {
+            parent: ino(parent),
+            name: name(n),
+        };
         self.send(req, op, entry_reply(reply));
     }
 
     fn forget(&self, req: &Request, i: INodeNo, nlookup: u64) {
-        self.send(req, Op::Forget { nodes: vec![(ino(i), nlookup)] }, |_| {});
+        self.send(
+            req,
+            Op::Forget {
+                nodes: vec![(ino(i), nlookup)],
+            },
+            |_| {},
+        );
     }
 
     // batch_forget: fuser 0.18 keeps `ForgetOne` private, so its default (one `forget` per
@@ -250,22 +267,45 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let op = Op::MkNod { parent: ino(parent), name: name(n), mode, rdev };
+        let op = Op::MkNod {
+            parent: ino(parent),
+            name: name(n),
+            mode,
+            rdev,
+        };
         self.send(req, op, entry_reply(reply));
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, n: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let op = Op::MkDir { parent: ino(parent), name: name(n), mode };
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        n: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::MkDir {
+            parent: ino(parent),
+            name: name(n),
+            mode,
+        };
         self.send(req, op, entry_reply(reply));
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
-        let op = Op::Unlink { parent: ino(parent), name: name(n) };
+        let op = Op::Unlink {
+            parent: ino(parent),
+            name: name(n),
+        };
         self.send(req, op, empty_reply(reply));
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, n: &OsStr, reply: ReplyEmpty) {
-        let op = Op::RmDir { parent: ino(parent), name: name(n) };
+        let op = Op::RmDir {
+            parent: ino(parent),
+            name: name(n),
+        };
         self.send(req, op, empty_reply(reply));
     }
 
@@ -306,13 +346,31 @@ impl Filesystem for Adapter {
         self.send(req, op, empty_reply(reply));
     }
 
-    fn link(&self, req: &Request, i: INodeNo, new_parent: INodeNo, new_name: &OsStr, reply: ReplyEntry) {
-        let op = Op::Link { ino: ino(i), new_parent: ino(new_parent), new_name: name(new_name) };
+    fn link(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let op = Op::Link {
+            ino: ino(i),
+            new_parent: ino(new_parent),
+            new_name: name(new_name),
+        };
         self.send(req, op, entry_reply(reply));
     }
 
     fn open(&self, req: &Request, i: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.send(req, Op::Open { ino: ino(i), flags: flags.0 }, open_reply(reply));
+        self.send(
+            req,
+            Op::Open {
+                ino: ino(i),
+                flags: flags.0,
+            },
+            open_reply(reply),
+        );
     }
 
     fn read(
@@ -326,7 +384,12 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let op = Op::Read { ino: ino(i), fh: fh(f), offset, size };
+        let op = Op::Read {
+            ino: ino(i),
+            fh: fh(f),
+            offset,
+            size,
+        };
         self.send(req, op, data_reply(reply));
     }
 
@@ -342,7 +405,12 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let op = Op::Write { ino: ino(i), fh: fh(f), offset, data: data.to_vec() };
+        let op = Op::Write {
+            ino: ino(i),
+            fh: fh(f),
+            offset,
+            data: data.to_vec(),
+        };
         self.send(req, op, move |r| match r {
             Ok(Reply::Written(n)) => reply.written(n),
             Ok(other) => reply.error(mismatch("write", &other)),
@@ -350,8 +418,22 @@ impl Filesystem for Adapter {
         });
     }
 
-    fn flush(&self, req: &Request, i: INodeNo, f: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        self.send(req, Op::Flush { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    fn flush(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.send(
+            req,
+            Op::Flush {
+                ino: ino(i),
+                fh: fh(f),
+            },
+            empty_reply(reply),
+        );
     }
 
     fn release(
@@ -364,23 +446,53 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.send(req, Op::Release { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+        self.send(
+            req,
+            Op::Release {
+                ino: ino(i),
+                fh: fh(f),
+            },
+            empty_reply(reply),
+        );
     }
 
     fn fsync(&self, req: &Request, i: INodeNo, f: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.send(req, Op::Fsync { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+        self.send(
+            req,
+            Op::Fsync {
+                ino: ino(i),
+                fh: fh(f),
+            },
+            empty_reply(reply),
+        );
     }
 
     fn opendir(&self, req: &Request, i: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.send(req, Op::OpenDir { ino: ino(i) }, open_reply(reply));
     }
 
-    fn readdir(&self, req: &Request, i: INodeNo, f: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let op = Op::ReadDir { ino: ino(i), fh: fh(f), offset };
+    fn readdir(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let op = Op::ReadDir {
+            ino: ino(i),
+            fh: fh(f),
+            offset,
+        };
         self.send(req, op, move |r| match r {
             Ok(Reply::Dir(entries)) => {
                 for (off, e) in entries {
-                    if reply.add(INodeNo(e.ino.0), off, file_type(e.kind), OsStr::from_bytes(&e.name)) {
+                    if reply.add(
+                        INodeNo(e.ino.0),
+                        off,
+                        file_type(e.kind),
+                        OsStr::from_bytes(&e.name),
+                    ) {
                         break;
                     }
                 }
@@ -391,12 +503,40 @@ impl Filesystem for Adapter {
         });
     }
 
-    fn releasedir(&self, req: &Request, i: INodeNo, f: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.send(req, Op::ReleaseDir { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    fn releasedir(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.send(
+            req,
+            Op::ReleaseDir {
+                ino: ino(i),
+                fh: fh(f),
+            },
+            empty_reply(reply),
+        );
     }
 
-    fn fsyncdir(&self, req: &Request, i: INodeNo, f: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.send(req, Op::FsyncDir { ino: ino(i), fh: fh(f) }, empty_reply(reply));
+    fn fsyncdir(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.send(
+            req,
+            Op::FsyncDir {
+                ino: ino(i),
+                fh: fh(f),
+            },
+            empty_reply(reply),
+        );
     }
 
     fn statfs(&self, req: &Request, _i: INodeNo, reply: ReplyStatfs) {
@@ -419,12 +559,21 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let op = Op::SetXattr { ino: ino(i), name: name(n), value: value.to_vec(), flags };
+        let op = Op::SetXattr {
+            ino: ino(i),
+            name: name(n),
+            value: value.to_vec(),
+            flags,
+        };
         self.send(req, op, empty_reply(reply));
     }
 
     fn getxattr(&self, req: &Request, i: INodeNo, n: &OsStr, size: u32, reply: ReplyXattr) {
-        let op = Op::GetXattr { ino: ino(i), name: name(n), size };
+        let op = Op::GetXattr {
+            ino: ino(i),
+            name: name(n),
+            size,
+        };
         self.send(req, op, xattr_reply(reply));
     }
 
@@ -433,12 +582,18 @@ impl Filesystem for Adapter {
     }
 
     fn removexattr(&self, req: &Request, i: INodeNo, n: &OsStr, reply: ReplyEmpty) {
-        let op = Op::RemoveXattr { ino: ino(i), name: name(n) };
+        let op = Op::RemoveXattr {
+            ino: ino(i),
+            name: name(n),
+        };
         self.send(req, op, empty_reply(reply));
     }
 
     fn access(&self, req: &Request, i: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let op = Op::Access { ino: ino(i), mask: mask.bits() };
+        let op = Op::Access {
+            ino: ino(i),
+            mask: mask.bits(),
+        };
         self.send(req, op, empty_reply(reply));
     }
 
@@ -452,7 +607,12 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let op = Op::Create { parent: ino(parent), name: name(n), mode, flags };
+        let op = Op::Create {
+            parent: ino(parent),
+            name: name(n),
+            mode,
+            flags,
+        };
         self.send(req, op, move |r| match r {
             Ok(Reply::Created(i, f)) => reply.created(
                 &TTL,
@@ -476,12 +636,31 @@ impl Filesystem for Adapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let op = Op::Fallocate { ino: ino(i), fh: fh(f), offset, length, mode };
+        let op = Op::Fallocate {
+            ino: ino(i),
+            fh: fh(f),
+            offset,
+            length,
+            mode,
+        };
         self.send(req, op, empty_reply(reply));
     }
 
-    fn lseek(&self, req: &Request, i: INodeNo, f: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        let op = Op::Lseek { ino: ino(i), fh: fh(f), offset, whence };
+    fn lseek(
+        &self,
+        req: &Request,
+        i: INodeNo,
+        f: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let op = Op::Lseek {
+            ino: ino(i),
+            fh: fh(f),
+            offset,
+            whence,
+        };
         self.send(req, op, move |r| match r {
             Ok(Reply::Offset(o)) => reply.offset(o),
             Ok(other) => reply.error(mismatch("lseek", &other)),

@@ -34,7 +34,9 @@ fn init_logging(format: LogFormat, log_file: Option<&Path>) -> Result<(), Failur
                 .append(true)
                 .open(path)
                 .map_err(|e| fail(format!("{}: cannot open log file: {e}", path.display())))?;
-            let b = builder.with_writer(std::sync::Mutex::new(file)).with_ansi(false);
+            let b = builder
+                .with_writer(std::sync::Mutex::new(file))
+                .with_ansi(false);
             if format == LogFormat::Json {
                 b.json().try_init()
             } else {
@@ -96,7 +98,13 @@ fn spawn_background(data_dir: &Path) -> Result<(), Failure> {
     ))
 }
 
-fn run(args: &MountArgs, opts: &Options, data_dir: &Path, mnt: &Path, is_child: bool) -> Result<(), Failure> {
+fn run(
+    args: &MountArgs,
+    opts: &Options,
+    data_dir: &Path,
+    mnt: &Path,
+    is_child: bool,
+) -> Result<(), Failure> {
     if is_child {
         // Detach from the terminal's session so a hangup does not kill the mount.
         let _ = nix::unistd::setsid();
@@ -114,20 +122,27 @@ fn run(args: &MountArgs, opts: &Options, data_dir: &Path, mnt: &Path, is_child: 
     config.memfd_budget = args.memfd_budget;
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
-    let (actor, actor_thread) = Actor::start(config, runtime.handle().clone())
-        .map_err(|e| fail(format!("{e}")))?;
+    let (actor, actor_thread) =
+        Actor::start(config, runtime.handle().clone()).map_err(|e| fail(format!("{e}")))?;
 
     let fd = mount::mount_fuse(data_dir, mnt, opts)?;
     let mut session_config = Config::default();
     session_config.n_threads = Some(args.fuse_threads.max(1));
     session_config.clone_fd = args.fuse_threads > 1;
-    session_config.acl = if opts.allow_other { SessionACL::All } else { SessionACL::Owner };
+    session_config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
     let acl = session_config.acl;
     let session = match Session::from_fd(Adapter::new(actor), fd, acl, session_config) {
         Ok(s) => s,
         Err(e) => {
             let _ = mount::unmount(mnt, true);
-            return Err(fail(format!("{}: FUSE handshake failed: {e}", mnt.display())));
+            return Err(fail(format!(
+                "{}: FUSE handshake failed: {e}",
+                mnt.display()
+            )));
         }
     };
     info!(data_dir = %data_dir.display(), mountpoint = %mnt.display(), pid = std::process::id(), "mounted");
@@ -165,7 +180,10 @@ fn announce_ready() {
 fn spawn_signal_handler(runtime: &tokio::runtime::Runtime, mnt: std::path::PathBuf) {
     runtime.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             warn!("cannot install signal handlers; stop with `spoolfs umount`");
             return;
         };

@@ -12,7 +12,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::mount::{exit, Failure};
 
 #[derive(Parser, Debug)]
-#[command(name = "spoolfs", version, about = "A durable FUSE filesystem for mail spools")]
+#[command(
+    name = "spoolfs",
+    version,
+    about = "A durable FUSE filesystem for mail spools"
+)]
 struct Cli {
     /// Log format of the daemon's access log and messages (level: SPOOLFS_LOG, e.g. `debug`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

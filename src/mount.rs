@@ -92,10 +92,12 @@ impl Options {
                 | "defaults" | "allow_root" => {}
                 o if o.starts_with("x-") || o.starts_with("comment=") => {}
                 "auto_unmount" => {
-                    return Err("auto_unmount is refused: after a crash the mountpoint must stay \
+                    return Err(
+                        "auto_unmount is refused: after a crash the mountpoint must stay \
                                 dead (ENOTCONN) so the mail server defers instead of writing \
                                 into the directory underneath"
-                        .into())
+                            .into(),
+                    )
                 }
                 o => return Err(format!("unknown mount option {o:?}")),
             }
@@ -147,7 +149,9 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
         out.push(MountEntry {
             mount_point: mountinfo_unescape(fields[4]),
             fs_type: fields[dash + 1].to_string(),
-            source: mountinfo_unescape(fields[dash + 2]).to_string_lossy().into_owned(),
+            source: mountinfo_unescape(fields[dash + 2])
+                .to_string_lossy()
+                .into_owned(),
         });
     }
     Ok(out)
@@ -189,9 +193,8 @@ pub fn check_mountpoint(mnt: &Path) -> Result<PathBuf, Failure> {
         }
         Ok(_) => {}
     }
-    let abs = std::fs::canonicalize(mnt).map_err(|e| {
-        Failure::new(exit::NOT_A_DIRECTORY, format!("{}: {e}", mnt.display()))
-    })?;
+    let abs = std::fs::canonicalize(mnt)
+        .map_err(|e| Failure::new(exit::NOT_A_DIRECTORY, format!("{}: {e}", mnt.display())))?;
     if let Some(m) = mount_at(&abs) {
         return Err(Failure::new(
             exit::ALREADY_MOUNTED,
@@ -221,7 +224,10 @@ pub fn prepare_data_dir(dir: &Path) -> Result<PathBuf, Failure> {
             .mode(0o700)
             .create(dir)
             .map_err(|e| {
-                Failure::new(exit::FAILURE, format!("{}: cannot create data dir: {e}", dir.display()))
+                Failure::new(
+                    exit::FAILURE,
+                    format!("{}: cannot create data dir: {e}", dir.display()),
+                )
             })?;
     }
     let abs = std::fs::canonicalize(dir)
@@ -251,7 +257,11 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, Failure> {
             let mut pid = String::new();
             let _ = file.read_to_string(&mut pid);
             let pid = pid.trim();
-            let holder = if pid.is_empty() { "another process".to_string() } else { format!("process {pid}") };
+            let holder = if pid.is_empty() {
+                "another process".to_string()
+            } else {
+                format!("process {pid}")
+            };
             return Err(Failure::new(
                 exit::DATA_DIR_IN_USE,
                 format!(
@@ -268,7 +278,8 @@ pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, Failure> {
         writeln!(f, "{}", std::process::id())?;
         f.sync_all()
     };
-    write_pid(&mut lock).map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
+    write_pid(&mut lock)
+        .map_err(|e| Failure::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
     Ok(DataDirLock { _lock: lock })
 }
 
@@ -293,7 +304,10 @@ pub fn mount_fuse(data_dir: &Path, mnt: &Path, opts: &Options) -> Result<OwnedFd
         .custom_flags(libc::O_CLOEXEC)
         .open("/dev/fuse")
         .map_err(|e| {
-            Failure::new(exit::FAILURE, format!("/dev/fuse: {e} (is the fuse module loaded? try `modprobe fuse`)"))
+            Failure::new(
+                exit::FAILURE,
+                format!("/dev/fuse: {e} (is the fuse module loaded? try `modprobe fuse`)"),
+            )
         })?;
     let root_mode = std::fs::metadata(mnt).map(|m| m.mode()).unwrap_or(0o40755) & libc::S_IFMT;
     let mut data = format!(
@@ -328,7 +342,10 @@ pub fn mount_fuse(data_dir: &Path, mnt: &Path, opts: &Options) -> Result<OwnedFd
     .map_err(|e| {
         Failure::new(
             exit::FAILURE,
-            format!("{}: mount failed: {e} (spoolfs must run as root to mount)", mnt.display()),
+            format!(
+                "{}: mount failed: {e} (spoolfs must run as root to mount)",
+                mnt.display()
+            ),
         )
     })?;
     Ok(dev.into())
@@ -336,6 +353,10 @@ pub fn mount_fuse(data_dir: &Path, mnt: &Path, opts: &Options) -> Result<OwnedFd
 
 /// Unmount; `lazy` detaches even while the mount is busy.
 pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
-    let flags = if lazy { MntFlags::MNT_DETACH } else { MntFlags::empty() };
+    let flags = if lazy {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
     umount2(mnt, flags)
 }

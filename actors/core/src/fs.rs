@@ -897,6 +897,7 @@ impl Fs {
         self.release(s, ino, fh)
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn fallocate(
         &mut self,
         s: &mut impl Store,

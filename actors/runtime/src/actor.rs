@@ -115,7 +115,10 @@ fn now() -> Timestamp {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    Timestamp::new(i64::try_from(d.as_secs()).unwrap_or(i64::MAX), d.subsec_nanos())
+    Timestamp::new(
+        i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        d.subsec_nanos(),
+    )
 }
 
 impl Actor {
@@ -251,10 +254,16 @@ impl Actor {
         if self.undurable {
             match self.durable_empty_commit() {
                 Ok(()) => info!("final commit done"),
-                Err(e) => error!(error = %e, "final commit failed: the last operations may be lost"),
+                Err(e) => {
+                    error!(error = %e, "final commit failed: the last operations may be lost")
+                }
             }
         }
-        info!(requests = self.requests, commits = self.commits, "actor stopped");
+        info!(
+            requests = self.requests,
+            commits = self.commits,
+            "actor stopped"
+        );
     }
 
     fn durable_empty_commit(&mut self) -> CommitResult {
@@ -286,7 +295,11 @@ impl Actor {
     }
 
     /// Apply a batch in one transaction. Returns the in-flight durable commit, if any.
-    fn apply_batch(&mut self, batch: Vec<Msg>, done_tx: &flume::Sender<CommitResult>) -> Option<InFlight> {
+    fn apply_batch(
+        &mut self,
+        batch: Vec<Msg>,
+        done_tx: &flume::Sender<CommitResult>,
+    ) -> Option<InFlight> {
         let txn = match self.db.begin_write() {
             Ok(t) => t,
             Err(e) => {
@@ -314,7 +327,14 @@ impl Actor {
                         || (self.config.sync && !is_read_only(&m.op))
                         || (self.config.dirsync && m.op.is_namespace());
                     let name = m.op.name();
-                    let result = apply(&mut self.fs, &mut store, &mut self.next_ino, &m, stats, space);
+                    let result = apply(
+                        &mut self.fs,
+                        &mut store,
+                        &mut self.next_ino,
+                        &m,
+                        stats,
+                        space,
+                    );
                     wrote |= store.wrote;
                     if let Some(e) = store.failed.take() {
                         failed = Some(e);
@@ -344,7 +364,7 @@ impl Actor {
             }
             return None;
         }
-        if !wrote && !(barrier && self.undurable) {
+        if !(wrote || barrier && self.undurable) {
             // Nothing to store: answer at once.
             let _ = txn.abort();
             for (reply, r) in replies {
@@ -361,7 +381,11 @@ impl Actor {
         }
     }
 
-    fn commit_fast(&mut self, mut txn: WriteTransaction, replies: Vec<(Responder, Result<Reply, Errno>)>) {
+    fn commit_fast(
+        &mut self,
+        mut txn: WriteTransaction,
+        replies: Vec<(Responder, Result<Reply, Errno>)>,
+    ) {
         let result = txn
             .set_durability(Durability::None)
             .map_err(|e| e.to_string())
@@ -442,7 +466,9 @@ fn log_request(m: &Msg, name: &'static str, result: &Result<Reply, Errno>, start
     let latency_us = started.elapsed().as_micros() as u64;
     let queued_us = started.saturating_duration_since(m.queued).as_micros() as u64;
     match result {
-        Ok(_) => debug!(req = m.caller.unique, op = name, args = ?m.op.args(), latency_us, queued_us, "ok"),
+        Ok(_) => {
+            debug!(req = m.caller.unique, op = name, args = ?m.op.args(), latency_us, queued_us, "ok")
+        }
         Err(e) if expected_error(&m.op, *e) => {
             debug!(req = m.caller.unique, op = name, args = ?m.op.args(), errno = e.name(), latency_us, "error")
         }
@@ -510,7 +536,12 @@ fn apply(
         Op::GetAttr { ino } => Reply::Attr(fs.getattr(s, *ino)?),
         Op::SetAttr { ino, set } => Reply::Attr(fs.setattr(s, &ctx, *ino, set)?),
         Op::ReadLink { ino } => Reply::Data(fs.readlink(s, *ino)?),
-        Op::MkNod { parent, name, mode, rdev } => {
+        Op::MkNod {
+            parent,
+            name,
+            mode,
+            rdev,
+        } => {
             let ino = alloc_ino(next_ino)?;
             Reply::Entry(fs.mknod(s, &ctx, *parent, name, *mode, *rdev, ino)?)
         }
@@ -526,27 +557,52 @@ fn apply(
             fs.rmdir(s, &ctx, *parent, name)?;
             Reply::Empty
         }
-        Op::Symlink { parent, name, target } => {
+        Op::Symlink {
+            parent,
+            name,
+            target,
+        } => {
             let ino = alloc_ino(next_ino)?;
             Reply::Entry(fs.symlink(s, &ctx, *parent, name, target, ino)?)
         }
-        Op::Rename { parent, name, new_parent, new_name, flags } => {
+        Op::Rename {
+            parent,
+            name,
+            new_parent,
+            new_name,
+            flags,
+        } => {
             fs.rename(s, &ctx, *parent, name, *new_parent, new_name, *flags)?;
             Reply::Empty
         }
-        Op::Link { ino, new_parent, new_name } => {
-            Reply::Entry(fs.link(s, &ctx, *ino, *new_parent, new_name)?)
-        }
+        Op::Link {
+            ino,
+            new_parent,
+            new_name,
+        } => Reply::Entry(fs.link(s, &ctx, *ino, *new_parent, new_name)?),
         Op::Open { ino, flags } => Reply::Opened(fs.open(s, *ino, *flags)?),
-        Op::Create { parent, name, mode, flags } => {
+        Op::Create {
+            parent,
+            name,
+            mode,
+            flags,
+        } => {
             let ino = alloc_ino(next_ino)?;
             let (inode, fh) = fs.create(s, &ctx, *parent, name, *mode, *flags, ino)?;
             Reply::Created(inode, fh)
         }
-        Op::Read { ino, fh, offset, size } => Reply::Data(fs.read(s, *ino, *fh, *offset, *size)?),
-        Op::Write { ino, fh, offset, data } => {
-            Reply::Written(fs.write(s, &ctx, *ino, *fh, *offset, data)?)
-        }
+        Op::Read {
+            ino,
+            fh,
+            offset,
+            size,
+        } => Reply::Data(fs.read(s, *ino, *fh, *offset, *size)?),
+        Op::Write {
+            ino,
+            fh,
+            offset,
+            data,
+        } => Reply::Written(fs.write(s, &ctx, *ino, *fh, *offset, data)?),
         Op::Flush { ino, fh } | Op::Fsync { ino, fh } => {
             fs.flush(s, *ino, *fh)?;
             Reply::Empty
@@ -570,7 +626,12 @@ fn apply(
             Reply::Empty
         }
         Op::StatFs => Reply::Statfs(space.ok_or(Errno::EIO)??),
-        Op::SetXattr { ino, name, value, flags } => {
+        Op::SetXattr {
+            ino,
+            name,
+            value,
+            flags,
+        } => {
             fs.setxattr(s, &ctx, *ino, name, value, *flags)?;
             Reply::Empty
         }
@@ -584,13 +645,22 @@ fn apply(
             fs.access(s, &ctx, *ino, *mask)?;
             Reply::Empty
         }
-        Op::Fallocate { ino, fh, offset, length, mode } => {
+        Op::Fallocate {
+            ino,
+            fh,
+            offset,
+            length,
+            mode,
+        } => {
             fs.fallocate(s, &ctx, *ino, *fh, *offset, *length, *mode)?;
             Reply::Empty
         }
-        Op::Lseek { ino, fh, offset, whence } => {
-            Reply::Offset(fs.lseek(s, *ino, *fh, *offset, *whence)?)
-        }
+        Op::Lseek {
+            ino,
+            fh,
+            offset,
+            whence,
+        } => Reply::Offset(fs.lseek(s, *ino, *fh, *offset, *whence)?),
         Op::Status => Reply::Status(stats.ok_or(Errno::EIO)?),
     })
 }
@@ -605,7 +675,10 @@ fn space_of(data_dir: &std::path::Path) -> Result<Statfs, Errno> {
         bfree: v.blocks_free(),
         bavail: v.blocks_available(),
         files: v.blocks().saturating_mul(frsize / 512).max(v.files()),
-        ffree: v.blocks_available().saturating_mul(frsize / 512).max(v.files_free()),
+        ffree: v
+            .blocks_available()
+            .saturating_mul(frsize / 512)
+            .max(v.files_free()),
         bsize: u32::try_from(v.block_size()).unwrap_or(4096),
         namelen: 255,
         frsize: u32::try_from(frsize).unwrap_or(4096),

@@ -136,7 +136,10 @@ impl<'a, 't> BatchStore<'a, 't> {
         if let Some(f) = self.cache.files.get_mut(&ino) {
             self.cache.resident_chunks -= f.present.len() as u64;
             f.present.clear();
-            let r = f.memfd.set_len(0).map_err(|e| io_err("truncate memfd", ino, e));
+            let r = f
+                .memfd
+                .set_len(0)
+                .map_err(|e| io_err("truncate memfd", ino, e));
             self.check(r)?;
         }
         Ok(())

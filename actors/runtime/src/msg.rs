@@ -12,37 +12,146 @@ pub type Responder = Box<dyn FnOnce(Result<Reply, Errno>) + Send>;
 
 #[derive(Debug)]
 pub enum Op {
-    Lookup { parent: Ino, name: Vec<u8> },
-    Forget { nodes: Vec<(Ino, u64)> },
-    GetAttr { ino: Ino },
-    SetAttr { ino: Ino, set: SetAttr },
-    ReadLink { ino: Ino },
-    MkNod { parent: Ino, name: Vec<u8>, mode: u32, rdev: u32 },
-    MkDir { parent: Ino, name: Vec<u8>, mode: u32 },
-    Unlink { parent: Ino, name: Vec<u8> },
-    RmDir { parent: Ino, name: Vec<u8> },
-    Symlink { parent: Ino, name: Vec<u8>, target: Vec<u8> },
-    Rename { parent: Ino, name: Vec<u8>, new_parent: Ino, new_name: Vec<u8>, flags: RenameFlags },
-    Link { ino: Ino, new_parent: Ino, new_name: Vec<u8> },
-    Open { ino: Ino, flags: i32 },
-    Create { parent: Ino, name: Vec<u8>, mode: u32, flags: i32 },
-    Read { ino: Ino, fh: Fh, offset: u64, size: u32 },
-    Write { ino: Ino, fh: Fh, offset: u64, data: Vec<u8> },
-    Flush { ino: Ino, fh: Fh },
-    Release { ino: Ino, fh: Fh },
-    Fsync { ino: Ino, fh: Fh },
-    OpenDir { ino: Ino },
-    ReadDir { ino: Ino, fh: Fh, offset: u64 },
-    ReleaseDir { ino: Ino, fh: Fh },
-    FsyncDir { ino: Ino, fh: Fh },
+    Lookup {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Forget {
+        nodes: Vec<(Ino, u64)>,
+    },
+    GetAttr {
+        ino: Ino,
+    },
+    SetAttr {
+        ino: Ino,
+        set: SetAttr,
+    },
+    ReadLink {
+        ino: Ino,
+    },
+    MkNod {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        rdev: u32,
+    },
+    MkDir {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+    },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    RmDir {
+        parent: Ino,
+        name: Vec<u8>,
+    },
+    Symlink {
+        parent: Ino,
+        name: Vec<u8>,
+        target: Vec<u8>,
+    },
+    Rename {
+        parent: Ino,
+        name: Vec<u8>,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+        flags: RenameFlags,
+    },
+    Link {
+        ino: Ino,
+        new_parent: Ino,
+        new_name: Vec<u8>,
+    },
+    Open {
+        ino: Ino,
+        flags: i32,
+    },
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        mode: u32,
+        flags: i32,
+    },
+    Read {
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+        size: u32,
+    },
+    Write {
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Flush {
+        ino: Ino,
+        fh: Fh,
+    },
+    Release {
+        ino: Ino,
+        fh: Fh,
+    },
+    Fsync {
+        ino: Ino,
+        fh: Fh,
+    },
+    OpenDir {
+        ino: Ino,
+    },
+    ReadDir {
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+    },
+    ReleaseDir {
+        ino: Ino,
+        fh: Fh,
+    },
+    FsyncDir {
+        ino: Ino,
+        fh: Fh,
+    },
     StatFs,
-    SetXattr { ino: Ino, name: Vec<u8>, value: Vec<u8>, flags: i32 },
-    GetXattr { ino: Ino, name: Vec<u8>, size: u32 },
-    ListXattr { ino: Ino, size: u32 },
-    RemoveXattr { ino: Ino, name: Vec<u8> },
-    Access { ino: Ino, mask: i32 },
-    Fallocate { ino: Ino, fh: Fh, offset: u64, length: u64, mode: i32 },
-    Lseek { ino: Ino, fh: Fh, offset: i64, whence: i32 },
+    SetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    GetXattr {
+        ino: Ino,
+        name: Vec<u8>,
+        size: u32,
+    },
+    ListXattr {
+        ino: Ino,
+        size: u32,
+    },
+    RemoveXattr {
+        ino: Ino,
+        name: Vec<u8>,
+    },
+    Access {
+        ino: Ino,
+        mask: i32,
+    },
+    Fallocate {
+        ino: Ino,
+        fh: Fh,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    },
+    Lseek {
+        ino: Ino,
+        fh: Fh,
+        offset: i64,
+        whence: i32,
+    },
     /// Operator status (the `status` command): answered with `Reply::Status`.
     Status,
 }
@@ -103,7 +212,10 @@ impl Op {
 
     /// Operations whose reply promises durability of everything before them.
     pub fn is_barrier(&self) -> bool {
-        matches!(self, Op::Flush { .. } | Op::Fsync { .. } | Op::FsyncDir { .. })
+        matches!(
+            self,
+            Op::Flush { .. } | Op::Fsync { .. } | Op::FsyncDir { .. }
+        )
     }
 }
 
@@ -183,39 +295,88 @@ impl std::fmt::Debug for OpArgs<'_> {
             Op::Lookup { parent, name }
             | Op::Unlink { parent, name }
             | Op::RmDir { parent, name } => write!(f, "parent={parent} name={:?}", n(name)),
-            Op::MkNod { parent, name, mode, .. }
+            Op::MkNod {
+                parent, name, mode, ..
+            }
             | Op::MkDir { parent, name, mode }
-            | Op::Create { parent, name, mode, .. } => {
+            | Op::Create {
+                parent, name, mode, ..
+            } => {
                 write!(f, "parent={parent} name={:?} mode={mode:o}", n(name))
             }
             Op::Symlink { parent, name, .. } => write!(f, "parent={parent} name={:?}", n(name)),
-            Op::Rename { parent, name, new_parent, new_name, flags } => write!(
+            Op::Rename {
+                parent,
+                name,
+                new_parent,
+                new_name,
+                flags,
+            } => write!(
                 f,
                 "parent={parent} name={:?} new_parent={new_parent} new_name={:?} flags={flags:?}",
                 n(name),
                 n(new_name)
             ),
-            Op::Link { ino, new_parent, new_name } => {
-                write!(f, "ino={ino} new_parent={new_parent} new_name={:?}", n(new_name))
+            Op::Link {
+                ino,
+                new_parent,
+                new_name,
+            } => {
+                write!(
+                    f,
+                    "ino={ino} new_parent={new_parent} new_name={:?}",
+                    n(new_name)
+                )
             }
-            Op::Read { ino, fh, offset, size } => {
+            Op::Read {
+                ino,
+                fh,
+                offset,
+                size,
+            } => {
                 write!(f, "ino={ino} fh={} offset={offset} size={size}", fh.0)
             }
-            Op::Write { ino, fh, offset, data } => {
-                write!(f, "ino={ino} fh={} offset={offset} size={}", fh.0, data.len())
+            Op::Write {
+                ino,
+                fh,
+                offset,
+                data,
+            } => {
+                write!(
+                    f,
+                    "ino={ino} fh={} offset={offset} size={}",
+                    fh.0,
+                    data.len()
+                )
             }
             Op::Open { ino, flags } => write!(f, "ino={ino} flags={flags:#x}"),
             Op::SetAttr { ino, set } => write!(f, "ino={ino} {set:?}"),
-            Op::SetXattr { ino, name, value, flags } => write!(
+            Op::SetXattr {
+                ino,
+                name,
+                value,
+                flags,
+            } => write!(
                 f,
                 "ino={ino} name={:?} size={} flags={flags}",
                 n(name),
                 value.len()
             ),
-            Op::GetXattr { ino, name, size } => write!(f, "ino={ino} name={:?} size={size}", n(name)),
+            Op::GetXattr { ino, name, size } => {
+                write!(f, "ino={ino} name={:?} size={size}", n(name))
+            }
             Op::RemoveXattr { ino, name } => write!(f, "ino={ino} name={:?}", n(name)),
-            Op::Fallocate { ino, offset, length, mode, .. } => {
-                write!(f, "ino={ino} offset={offset} length={length} mode={mode:#x}")
+            Op::Fallocate {
+                ino,
+                offset,
+                length,
+                mode,
+                ..
+            } => {
+                write!(
+                    f,
+                    "ino={ino} offset={offset} length={length} mode={mode:#x}"
+                )
             }
             Op::Forget { nodes } => write!(f, "nodes={}", nodes.len()),
             Op::GetAttr { ino }
@@ -229,7 +390,12 @@ impl std::fmt::Debug for OpArgs<'_> {
             | Op::ReleaseDir { ino, fh }
             | Op::FsyncDir { ino, fh } => write!(f, "ino={ino} fh={}", fh.0),
             Op::ReadDir { ino, fh, offset } => write!(f, "ino={ino} fh={} offset={offset}", fh.0),
-            Op::Lseek { ino, offset, whence, .. } => {
+            Op::Lseek {
+                ino,
+                offset,
+                whence,
+                ..
+            } => {
                 write!(f, "ino={ino} offset={offset} whence={whence}")
             }
             Op::StatFs | Op::Status => Ok(()),

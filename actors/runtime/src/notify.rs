@@ -16,7 +16,11 @@ pub enum Invalidation {
     /// Forget the kernel's entry `name` in `parent` (a remote create/unlink/rename).
     Entry { parent: Ino, name: Vec<u8> },
     /// The entry was deleted and pointed at `child`.
-    Delete { parent: Ino, child: Ino, name: Vec<u8> },
+    Delete {
+        parent: Ino,
+        child: Ino,
+        name: Vec<u8>,
+    },
     /// Drop cached attributes and pages of `ino`.
     Inode { ino: Ino },
 }
@@ -31,7 +35,11 @@ pub struct NotifyPool {
 }
 
 impl NotifyPool {
-    pub fn start(notifier: Arc<dyn KernelNotifier>, threads: usize, capacity: usize) -> std::io::Result<Self> {
+    pub fn start(
+        notifier: Arc<dyn KernelNotifier>,
+        threads: usize,
+        capacity: usize,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = flume::bounded::<Invalidation>(capacity);
         for i in 0..threads.max(1) {
             let rx = rx.clone();
