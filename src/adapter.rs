@@ -13,6 +13,9 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use spoolfs_core::{Errno, Fh, Ino, Inode, Kind, SetAttr, SetTime, Timestamp};
+use std::sync::Arc;
+
+use spoolfs_runtime::metrics::{set, Metrics};
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
 use tracing::warn;
 
@@ -25,11 +28,12 @@ const MAX_WRITE: u32 = 1 << 20;
 
 pub struct Adapter {
     actor: ActorHandle,
+    metrics: Arc<Metrics>,
 }
 
 impl Adapter {
-    pub fn new(actor: ActorHandle) -> Self {
-        Adapter { actor }
+    pub fn new(actor: ActorHandle, metrics: Arc<Metrics>) -> Self {
+        Adapter { actor, metrics }
     }
 
     fn send(
@@ -38,6 +42,24 @@ impl Adapter {
         op: Op,
         reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static,
     ) {
+        // Per-request metrics: handles are indexed by operation, so this is a few atomics.
+        let index = op.index();
+        let name = op.name();
+        let metrics = self.metrics.clone();
+        metrics.in_flight.inc();
+        set(&metrics.queue_depth, self.actor.queue_depth() as u64);
+        let received = Instant::now();
+        let reply = move |r: Result<Reply, Errno>| {
+            metrics.in_flight.dec();
+            if let Some(m) = metrics.op(index) {
+                m.requests.inc();
+                m.duration.observe(received.elapsed().as_secs_f64());
+            }
+            if let Err(e) = &r {
+                metrics.record_error(name, e.name());
+            }
+            reply(r);
+        };
         self.actor.send(Msg {
             caller: Caller {
                 unique: req.unique().0,
@@ -47,7 +69,7 @@ impl Adapter {
             },
             op,
             reply: Box::new(reply),
-            queued: Instant::now(),
+            queued: received,
         });
     }
 }

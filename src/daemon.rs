@@ -12,7 +12,15 @@ use spoolfs_runtime::{Actor, ActorConfig};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::registry::Registry;
+use spoolfs_runtime::metrics::Metrics;
+
 use crate::adapter::Adapter;
+use crate::control;
+use crate::http::{self, Readiness, ScrapeCollector};
 use crate::mount::{self, exit, Failure, Options};
 use crate::{LogFormat, MountArgs};
 
@@ -122,8 +130,23 @@ fn run(
     config.memfd_budget = args.memfd_budget;
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
-    let (actor, actor_thread) =
-        Actor::start(config, runtime.handle().clone()).map_err(|e| fail(format!("{e}")))?;
+    // spoolfs_* metrics live in a prefixed sub-registry; process_* metrics at the root.
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::new(registry.sub_registry_with_prefix("spoolfs")));
+    let (actor, actor_thread) = Actor::start(config, runtime.handle().clone(), metrics.clone())
+        .map_err(|e| fail(format!("{e}")))?;
+    let readiness = Arc::new(Readiness::default());
+    control::spawn(
+        &runtime,
+        data_dir,
+        control::Daemon {
+            actor: actor.downgrade(),
+            readiness: readiness.clone(),
+            started: Instant::now(),
+            mountpoint: mnt.to_path_buf(),
+            metrics_addr: args.metrics_addr.clone(),
+        },
+    );
 
     let fd = mount::mount_fuse(data_dir, mnt, opts)?;
     let mut session_config = Config::default();
@@ -135,7 +158,7 @@ fn run(
         SessionACL::Owner
     };
     let acl = session_config.acl;
-    let session = match Session::from_fd(Adapter::new(actor), fd, acl, session_config) {
+    let session = match Session::from_fd(Adapter::new(actor, metrics.clone()), fd, acl, session_config) {
         Ok(s) => s,
         Err(e) => {
             let _ = mount::unmount(mnt, true);
@@ -146,14 +169,28 @@ fn run(
         }
     };
     info!(data_dir = %data_dir.display(), mountpoint = %mnt.display(), pid = std::process::id(), "mounted");
+    readiness.mounted.store(true, Ordering::Relaxed);
+    metrics.mounted.set(1);
+    registry.register_collector(Box::new(ScrapeCollector {
+        db_path: data_dir.join(spoolfs_store::DB_FILE),
+        waiting_path: fusectl_waiting_path(mnt),
+    }));
+    if let Some(addr) = metrics_addr(&args.metrics_addr)? {
+        http::spawn(&runtime, addr, Arc::new(registry), readiness.clone());
+    }
     if is_child {
         announce_ready();
     }
-    spawn_signal_handler(&runtime, mnt.to_path_buf());
+    // systemd Type=notify: ready only now that the mount is live.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    spawn_signal_handler(&runtime, mnt.to_path_buf(), readiness.clone());
 
     if let Err(e) = session.run() {
         error!(error = %e, "FUSE session ended with an error");
     }
+    readiness.stopping.store(true, Ordering::Relaxed);
+    metrics.mounted.set(0);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // The session (and with it every sender to the actor) is gone: the actor commits and stops.
     if actor_thread.join().is_err() {
         error!("the actor thread panicked");
@@ -177,7 +214,11 @@ fn announce_ready() {
 }
 
 /// SIGTERM/SIGINT: unmount (lazily if busy); the session then ends and the actor commits.
-fn spawn_signal_handler(runtime: &tokio::runtime::Runtime, mnt: std::path::PathBuf) {
+fn spawn_signal_handler(
+    runtime: &tokio::runtime::Runtime,
+    mnt: std::path::PathBuf,
+    readiness: Arc<Readiness>,
+) {
     runtime.spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -191,6 +232,8 @@ fn spawn_signal_handler(runtime: &tokio::runtime::Runtime, mnt: std::path::PathB
             _ = term.recv() => info!("SIGTERM: unmounting"),
             _ = int.recv() => info!("SIGINT: unmounting"),
         }
+        readiness.stopping.store(true, Ordering::Relaxed);
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         match mount::unmount(&mnt, false) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) => {
@@ -240,4 +283,69 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `spoolfs status`: LSB exit codes (0 running and ready, 1 dead, 3 not running).
+pub fn status(mountpoint: &Path) -> Result<(), Failure> {
+    let abs = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let Some(entry) = mount::mount_at(&abs).filter(|e| e.fs_type == "fuse.spoolfs") else {
+        return Err(Failure::new(3, format!("{}: no spoolfs mounted here", abs.display())));
+    };
+    let data_dir = Path::new(&entry.source);
+    match control::query(data_dir) {
+        Some(text) => {
+            print!("{text}");
+            if text.starts_with("state: ready") {
+                Ok(())
+            } else {
+                Err(Failure::new(1, format!("{}: daemon is not ready", abs.display())))
+            }
+        }
+        None if mount::lock_holder(data_dir).is_some() => Err(Failure::new(
+            1,
+            format!("{}: the daemon holds {} but does not answer", abs.display(), data_dir.display()),
+        )),
+        None => Err(Failure::new(
+            1,
+            format!(
+                "{}: dead mount (daemon gone); clear it with `spoolfs umount --lazy {}`",
+                abs.display(),
+                abs.display()
+            ),
+        )),
+    }
+}
+
+/// `--metrics-addr`: an address, or `off`.
+fn metrics_addr(arg: &str) -> Result<Option<std::net::SocketAddr>, Failure> {
+    if arg == "off" {
+        return Ok(None);
+    }
+    arg.parse().map(Some).map_err(|e| {
+        Failure::new(exit::USAGE, format!("--metrics-addr {arg:?}: {e} (expected HOST:PORT or off)"))
+    })
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// The fusectl file with the kernel's count of waiting requests for the mount at `mnt`.
+/// The connection's directory is named after the mount's device number; fusectl is mounted
+/// if it is not yet.
+fn fusectl_waiting_path(mnt: &Path) -> Option<std::path::PathBuf> {
+    // Read the device from mountinfo: a stat() of the mountpoint would wait for this very
+    // daemon, which is not serving requests yet.
+    let (major, minor) = mount::mount_at(mnt)?.dev;
+    // The kernel's internal dev_t: major in the high 12 bits, minor in the low 20.
+    let id = (u64::from(major) << 20) | u64::from(minor);
+    let path = Path::new(FUSECTL).join(id.to_string()).join("waiting");
+    if !path.exists() {
+        let _ = nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        );
+    }
+    path.exists().then_some(path)
 }

@@ -1,7 +1,9 @@
 //! The `spoolfs` command: mount (and run the daemon), umount.
 
 mod adapter;
+mod control;
 mod daemon;
+mod http;
 mod mount;
 
 use std::path::PathBuf;
@@ -9,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::mount::{exit, Failure};
+
 
 #[derive(Parser, Debug)]
 #[command(
@@ -41,7 +43,8 @@ enum Command {
         #[arg(short, long)]
         lazy: bool,
         mountpoint: PathBuf,
-    },
+    },    /// Ask the daemon serving MOUNTPOINT how it is. Exit 0 ready, 1 dead mount, 3 not running.
+    Status { mountpoint: PathBuf },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -55,6 +58,9 @@ pub struct MountArgs {
     /// Most bytes of file content staged in memory (memfd) at once.
     #[arg(long, default_value_t = 1 << 30)]
     memfd_budget: u64,
+    /// Prometheus endpoint (`/metrics`, `/healthz`, `/readyz`), or `off`.
+    #[arg(long, default_value = "127.0.0.1:9567")]
+    metrics_addr: String,
     /// Number of threads reading FUSE requests.
     #[arg(long, default_value_t = 2)]
     fuse_threads: usize,
@@ -64,10 +70,11 @@ pub struct MountArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(helper_args(std::env::args_os().collect()));
     let result = match cli.command {
         Command::Mount(args) => daemon::mount(args, cli.log_format),
         Command::Umount { lazy, mountpoint } => daemon::umount(&mountpoint, lazy),
+        Command::Status { mountpoint } => daemon::status(&mountpoint),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,7 +85,67 @@ fn main() -> ExitCode {
     }
 }
 
-#[allow(dead_code)]
-fn usage(message: &str) -> Failure {
-    Failure::new(exit::USAGE, message)
+/// Mount-helper calling conventions, turned into `spoolfs mount -o OPTS SOURCE TARGET`:
+/// mount(8) runs `mount.fuse.spoolfs SOURCE TARGET -o OPTS` (the binary installed under that
+/// name), and mount.fuse3 runs `spoolfs SOURCE TARGET -o OPTS`.
+fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let Some(argv0) = args.first().cloned() else {
+        return args;
+    };
+    let invoked_as = std::path::Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let first = args.get(1).map(|a| a.to_string_lossy().into_owned());
+    let is_subcommand = matches!(
+        first.as_deref(),
+        Some("mount" | "umount" | "status" | "help" | "--help" | "-h" | "--version" | "-V")
+    );
+    let looks_like_paths = args.len() >= 3 && first.as_deref().is_some_and(|f| !f.starts_with('-'));
+    if !(invoked_as.starts_with("mount.") || (!is_subcommand && looks_like_paths)) {
+        return args;
+    }
+    let mut out = vec![argv0, "mount".into()];
+    let mut positional = Vec::new();
+    let mut rest = args.into_iter().skip(1);
+    while let Some(a) = rest.next() {
+        match a.to_str() {
+            Some("-o") => {
+                if let Some(opts) = rest.next() {
+                    out.push("-o".into());
+                    out.push(opts);
+                }
+            }
+            // mount(8) flags: -n (no mtab), -s (sloppy), -v (verbose) change nothing here.
+            Some("-n" | "-s" | "-v") => {}
+            _ => positional.push(a),
+        }
+    }
+    out.extend(positional);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::helper_args;
+
+    fn args(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn mount_helper_conventions_become_mount_commands() {
+        assert_eq!(
+            helper_args(args(&["/sbin/mount.fuse.spoolfs", "/data", "/mnt", "-o", "rw,nofail"])),
+            args(&["/sbin/mount.fuse.spoolfs", "mount", "-o", "rw,nofail", "/data", "/mnt"])
+        );
+        assert_eq!(
+            helper_args(args(&["spoolfs", "/data", "/mnt", "-o", "dev,suid"])),
+            args(&["spoolfs", "mount", "-o", "dev,suid", "/data", "/mnt"])
+        );
+        assert_eq!(
+            helper_args(args(&["spoolfs", "umount", "/mnt"])),
+            args(&["spoolfs", "umount", "/mnt"])
+        );
+    }
 }

@@ -129,6 +129,8 @@ fn mountinfo_unescape(s: &str) -> PathBuf {
 /// A mount as listed in /proc/self/mountinfo.
 #[derive(Debug, Clone)]
 pub struct MountEntry {
+    /// Device number (major, minor) of the mounted filesystem.
+    pub dev: (u32, u32),
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
@@ -146,7 +148,12 @@ pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
         if fields.len() < 5 || fields.len() < dash + 3 {
             continue;
         }
+        let dev = fields[2]
+            .split_once(':')
+            .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
+            .unwrap_or((0, 0));
         out.push(MountEntry {
+            dev,
             mount_point: mountinfo_unescape(fields[4]),
             fs_type: fields[dash + 1].to_string(),
             source: mountinfo_unescape(fields[dash + 2])

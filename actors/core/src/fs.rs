@@ -461,6 +461,14 @@ impl Fs {
         let mut inode = self.get(s, ino)?;
         let mut dir = self.get_dir(s, new_parent)?;
         check_new_name(&self.limits, new_name)?;
+        // The new name is checked before the source, as linkat(2) does (filename_create,
+        // then vfs_link): linking a directory onto an existing name is EEXIST, not EPERM.
+        if dir.nlink == 0 {
+            return Err(Errno::ENOENT);
+        }
+        if s.dentry(new_parent, new_name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
         if inode.kind == Kind::Dir {
             return Err(Errno::EPERM);
         }
@@ -469,12 +477,6 @@ impl Fs {
         }
         if inode.nlink >= self.limits.link_max {
             return Err(Errno::EMLINK);
-        }
-        if dir.nlink == 0 {
-            return Err(Errno::ENOENT);
-        }
-        if s.dentry(new_parent, new_name)?.is_some() {
-            return Err(Errno::EEXIST);
         }
         inode.nlink += 1;
         inode.ctime = ctx.now;
@@ -780,6 +782,11 @@ impl Fs {
         let mut inode = self.get(s, ino)?;
         if inode.kind != Kind::File {
             return Err(Errno::EINVAL);
+        }
+        if buf.is_empty() {
+            // A write of nothing changes nothing (generic_write_checks returns early): above
+            // all it must not extend the file to `offset`, nor touch mtime.
+            return Ok(0);
         }
         data::write(s, ino, offset, buf)?;
         inode.size = inode.size.max(end);

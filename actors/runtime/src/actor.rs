@@ -14,12 +14,15 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, WriteTransaction};
+use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 use spoolfs_core::{Ctx, Errno, Fs, Ino, Limits, Timestamp};
 use spoolfs_store::{open_database, Tables, META_NEXT_INO};
 use tracing::{debug, error, info, warn};
 
+use std::sync::Arc;
+
 use crate::content::{BatchStore, ContentCache};
+use crate::metrics::{self, Metrics};
 use crate::msg::*;
 
 #[derive(Debug, Clone)]
@@ -88,6 +91,25 @@ impl ActorHandle {
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
     }
+
+    /// A handle that does not keep the actor alive (for the control socket, which must not
+    /// stop the actor from shutting down when the mount goes away).
+    pub fn downgrade(&self) -> WeakActorHandle {
+        WeakActorHandle {
+            tx: self.tx.downgrade(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct WeakActorHandle {
+    tx: flume::WeakSender<Msg>,
+}
+
+impl WeakActorHandle {
+    pub fn upgrade(&self) -> Option<ActorHandle> {
+        self.tx.upgrade().map(|tx| ActorHandle { tx })
+    }
 }
 
 /// A durable commit running on a blocking task, with the replies that wait for it.
@@ -95,7 +117,8 @@ struct InFlight {
     replies: Vec<(Responder, Result<Reply, Errno>)>,
 }
 
-type CommitResult = Result<(), String>;
+/// How a commit ended, and how long it took.
+type CommitResult = (Result<(), String>, std::time::Duration);
 
 pub struct Actor {
     config: ActorConfig,
@@ -109,6 +132,9 @@ pub struct Actor {
     commits: u64,
     durable_commits: u64,
     runtime: tokio::runtime::Handle,
+    metrics: Arc<Metrics>,
+    /// When the inode gauge was last refreshed (it costs a table read).
+    inodes_refreshed: Option<Instant>,
 }
 
 fn now() -> Timestamp {
@@ -127,6 +153,7 @@ impl Actor {
     pub fn start(
         config: ActorConfig,
         runtime: tokio::runtime::Handle,
+        metrics: Arc<Metrics>,
     ) -> Result<(ActorHandle, std::thread::JoinHandle<()>), StartError> {
         let path = config.data_dir.join(spoolfs_store::DB_FILE);
         let db = open_database(&path)?;
@@ -162,6 +189,8 @@ impl Actor {
             txn.commit().map_err(|e| prepare(e.to_string()))?;
         }
         let (tx, rx) = flume::bounded(config.queue_capacity);
+        metrics::set(&metrics.queue_capacity, config.queue_capacity as u64);
+        metrics::set(&metrics.memfd_budget_bytes, config.memfd_budget);
         let actor = Actor {
             cache: ContentCache::new(config.memfd_budget),
             config,
@@ -173,6 +202,8 @@ impl Actor {
             commits: 0,
             durable_commits: 0,
             runtime,
+            metrics,
+            inodes_refreshed: None,
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -198,7 +229,7 @@ impl Actor {
                     flume::Selector::new()
                         .recv(&done_rx, |r| match r {
                             Ok(r) => Event::Done(r),
-                            Err(_) => Event::Done(Err("commit task vanished".into())),
+                            Err(_) => Event::Done(vanished()),
                         })
                         .recv(&rx, |r| match r {
                             Ok(m) => Event::Msg(m),
@@ -208,7 +239,7 @@ impl Actor {
                 } else {
                     match done_rx.recv() {
                         Ok(r) => Event::Done(r),
-                        Err(_) => Event::Done(Err("commit task vanished".into())),
+                        Err(_) => Event::Done(vanished()),
                     }
                 };
                 match event {
@@ -266,7 +297,7 @@ impl Actor {
         );
     }
 
-    fn durable_empty_commit(&mut self) -> CommitResult {
+    fn durable_empty_commit(&mut self) -> Result<(), String> {
         let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| e.to_string())?;
@@ -275,7 +306,10 @@ impl Actor {
         Ok(())
     }
 
-    fn finish_durable(&mut self, flight: InFlight, result: CommitResult) {
+    fn finish_durable(&mut self, flight: InFlight, (result, took): CommitResult) {
+        self.metrics.commit_duration.observe(metrics::secs(took));
+        self.metrics.commits_immediate.inc();
+        self.refresh_gauges();
         match result {
             Ok(()) => {
                 self.undurable = false;
@@ -320,6 +354,9 @@ impl Actor {
             Ok(mut tables) => {
                 for m in batch {
                     let started = Instant::now();
+                    self.metrics
+                        .queue_wait
+                        .observe(metrics::secs(started.saturating_duration_since(m.queued)));
                     let stats = matches!(m.op, Op::Status).then(|| self.cache_stats());
                     let space = matches!(m.op, Op::StatFs).then(|| space_of(&self.config.data_dir));
                     let mut store = BatchStore::new(&mut tables, &mut self.cache);
@@ -358,6 +395,7 @@ impl Actor {
         if let Some(e) = failed {
             error!(error = %e, data_dir = %self.config.data_dir.display(),
                 "storage failure: the batch is rolled back and answered EIO");
+            self.metrics.storage_errors.inc();
             let _ = txn.abort();
             for (reply, _) in replies {
                 reply(Err(Errno::EIO));
@@ -367,12 +405,14 @@ impl Actor {
         if !(wrote || barrier && self.undurable) {
             // Nothing to store: answer at once.
             let _ = txn.abort();
+            self.refresh_gauges();
             for (reply, r) in replies {
                 reply(r);
             }
             return None;
         }
         self.commits += 1;
+        self.metrics.batch_size.observe(replies.len() as f64);
         if barrier {
             self.commit_durable(txn, replies, done_tx)
         } else {
@@ -386,10 +426,16 @@ impl Actor {
         mut txn: WriteTransaction,
         replies: Vec<(Responder, Result<Reply, Errno>)>,
     ) {
+        let started = Instant::now();
         let result = txn
             .set_durability(Durability::None)
             .map_err(|e| e.to_string())
             .and_then(|_| txn.commit().map_err(|e| e.to_string()));
+        self.metrics
+            .commit_duration
+            .observe(metrics::secs(started.elapsed()));
+        self.metrics.commits_none.inc();
+        self.refresh_gauges();
         match result {
             Ok(()) => {
                 self.undurable = true;
@@ -421,11 +467,35 @@ impl Actor {
         }
         let done = done_tx.clone();
         self.runtime.spawn_blocking(move || {
+            let started = Instant::now();
             let r = txn.commit().map_err(|e| e.to_string());
+            let r = (r, started.elapsed());
             // The actor always waits for this message while a commit is in flight.
             let _ = done.send(r);
         });
         Some(InFlight { replies })
+    }
+
+    /// Update the gauges that describe the actor's state (once per batch: cheap reads).
+    fn refresh_gauges(&mut self) {
+        let m = &self.metrics;
+        metrics::set(&m.memfd_bytes, self.cache.resident_bytes());
+        metrics::set(
+            &m.memfd_dirty_bytes,
+            self.cache.dirty_chunks() * spoolfs_core::CHUNK_SIZE,
+        );
+        metrics::set(&m.open_handles, self.fs.open_handles() as u64);
+        let stale = self
+            .inodes_refreshed
+            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1));
+        if stale {
+            self.inodes_refreshed = Some(Instant::now());
+            if let Ok(txn) = self.db.begin_read() {
+                if let Ok(n) = spoolfs_store::count_inodes(&txn) {
+                    metrics::set(&m.inodes, n);
+                }
+            }
+        }
     }
 
     fn cache_stats(&self) -> StatusReport {
@@ -683,4 +753,11 @@ fn space_of(data_dir: &std::path::Path) -> Result<Statfs, Errno> {
         namelen: 255,
         frsize: u32::try_from(frsize).unwrap_or(4096),
     })
+}
+
+fn vanished() -> CommitResult {
+    (
+        Err("commit task vanished".into()),
+        std::time::Duration::ZERO,
+    )
 }

@@ -6,6 +6,7 @@ pub mod content;
 pub mod msg;
 pub mod notify;
 
-pub use actor::{Actor, ActorConfig, ActorHandle, StartError};
+pub use actor::{Actor, ActorConfig, ActorHandle, StartError, WeakActorHandle};
 pub use msg::*;
 pub use notify::{Invalidation, KernelNotifier, NotifyPool};
+pub mod metrics;

@@ -10,6 +10,42 @@ use spoolfs_core::{DirEntry, Errno, Fh, Ino, Inode, RenameFlags, SetAttr};
 /// waits forever.)
 pub type Responder = Box<dyn FnOnce(Result<Reply, Errno>) + Send>;
 
+/// Every operation's name, in `Op::index` order.
+pub const OP_NAMES: [&str; 32] = [
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "create",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "fsyncdir",
+    "statfs",
+    "setxattr",
+    "getxattr",
+    "listxattr",
+    "removexattr",
+    "access",
+    "fallocate",
+    "lseek",
+    "status",
+];
+
 #[derive(Debug)]
 pub enum Op {
     Lookup {
@@ -157,42 +193,47 @@ pub enum Op {
 }
 
 impl Op {
+    /// Position of the operation in `OP_NAMES` (indexes per-operation metric handles).
+    pub fn index(&self) -> usize {
+        match self {
+            Op::Lookup { .. } => 0,
+            Op::Forget { .. } => 1,
+            Op::GetAttr { .. } => 2,
+            Op::SetAttr { .. } => 3,
+            Op::ReadLink { .. } => 4,
+            Op::MkNod { .. } => 5,
+            Op::MkDir { .. } => 6,
+            Op::Unlink { .. } => 7,
+            Op::RmDir { .. } => 8,
+            Op::Symlink { .. } => 9,
+            Op::Rename { .. } => 10,
+            Op::Link { .. } => 11,
+            Op::Open { .. } => 12,
+            Op::Create { .. } => 13,
+            Op::Read { .. } => 14,
+            Op::Write { .. } => 15,
+            Op::Flush { .. } => 16,
+            Op::Release { .. } => 17,
+            Op::Fsync { .. } => 18,
+            Op::OpenDir { .. } => 19,
+            Op::ReadDir { .. } => 20,
+            Op::ReleaseDir { .. } => 21,
+            Op::FsyncDir { .. } => 22,
+            Op::StatFs => 23,
+            Op::SetXattr { .. } => 24,
+            Op::GetXattr { .. } => 25,
+            Op::ListXattr { .. } => 26,
+            Op::RemoveXattr { .. } => 27,
+            Op::Access { .. } => 28,
+            Op::Fallocate { .. } => 29,
+            Op::Lseek { .. } => 30,
+            Op::Status => 31,
+        }
+    }
+
     /// The FUSE operation name, for logs and metric labels.
     pub fn name(&self) -> &'static str {
-        match self {
-            Op::Lookup { .. } => "lookup",
-            Op::Forget { .. } => "forget",
-            Op::GetAttr { .. } => "getattr",
-            Op::SetAttr { .. } => "setattr",
-            Op::ReadLink { .. } => "readlink",
-            Op::MkNod { .. } => "mknod",
-            Op::MkDir { .. } => "mkdir",
-            Op::Unlink { .. } => "unlink",
-            Op::RmDir { .. } => "rmdir",
-            Op::Symlink { .. } => "symlink",
-            Op::Rename { .. } => "rename",
-            Op::Link { .. } => "link",
-            Op::Open { .. } => "open",
-            Op::Create { .. } => "create",
-            Op::Read { .. } => "read",
-            Op::Write { .. } => "write",
-            Op::Flush { .. } => "flush",
-            Op::Release { .. } => "release",
-            Op::Fsync { .. } => "fsync",
-            Op::OpenDir { .. } => "opendir",
-            Op::ReadDir { .. } => "readdir",
-            Op::ReleaseDir { .. } => "releasedir",
-            Op::FsyncDir { .. } => "fsyncdir",
-            Op::StatFs => "statfs",
-            Op::SetXattr { .. } => "setxattr",
-            Op::GetXattr { .. } => "getxattr",
-            Op::ListXattr { .. } => "listxattr",
-            Op::RemoveXattr { .. } => "removexattr",
-            Op::Access { .. } => "access",
-            Op::Fallocate { .. } => "fallocate",
-            Op::Lseek { .. } => "lseek",
-            Op::Status => "status",
-        }
+        OP_NAMES[self.index()]
     }
 
     /// Operations that change the namespace (made durable before replying under `dirsync`).

@@ -16,7 +16,7 @@
 pub mod codec;
 mod tables;
 
-pub use tables::{open_database, read_meta, OpenError, Tables};
+pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
 
 use redb::TableDefinition;
 

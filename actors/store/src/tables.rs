@@ -369,3 +369,9 @@ pub fn read_meta(db: &Database, key: &str) -> StoreResult<Option<u64>> {
         .map_err(|e| err("read meta", e))?
         .map(|v| v.value()))
 }
+
+/// Number of stored inodes, from a read transaction (for the inode gauge and fsck).
+pub fn count_inodes(txn: &redb::ReadTransaction) -> StoreResult<u64> {
+    let t = txn.open_table(INODES).map_err(|e| err("open inodes", e))?;
+    t.len().map_err(|e| err("count inodes", e))
+}
