@@ -46,6 +46,7 @@ step build cargo build --release --workspace
 step cargo-test cargo test --release --workspace
 step pjdfstest bash tests/pjdfstest/run.sh
 step fsx bash tests/fsx/run.sh
+step monitoring bash tests/monitoring/run.sh
 
 echo
 if ((failed > 0)); then

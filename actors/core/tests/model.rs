@@ -9,13 +9,19 @@
 
 mod harness;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use spoolfs_core::MemStore;
 
 use harness::driver::Driver;
 use harness::model::Model;
+use harness::ops::Loc::*;
+use harness::ops::Op::*;
+use harness::ops::Ref::*;
+#[allow(unused_imports)]
+use harness::ops::Sel::*;
 use harness::ops::{ops, Op, Path, Ref};
 use harness::sut::Sut;
 
@@ -53,10 +59,11 @@ pub fn runner(cases: u32, seed: u64) -> TestRunner {
 }
 
 /// Apply `ops` to the model and to `Fs` + `MemStore`; the first difference, with its step.
-fn check(ops: &[Op]) -> Result<usize, String> {
+/// On success, how each request ended, and how many operations ran.
+fn check(ops: &[Op]) -> Result<(BTreeMap<String, usize>, usize), String> {
     let mut d = Driver::new(Model::new(), Sut::new(MemStore::default()));
     d.run(ops)?;
-    Ok(d.applied)
+    Ok((d.stats, d.applied))
 }
 
 fn replay(ops: &[Op]) {
@@ -67,19 +74,28 @@ fn replay(ops: &[Op]) {
 
 #[test]
 fn random_sequences_match_the_model() {
-    let total = AtomicUsize::new(0);
+    let totals = Mutex::new((BTreeMap::<String, usize>::new(), 0usize));
     let cases = cases();
     let mut runner = runner(cases, seed());
     let result = runner.run(&ops(1..=320), |ops| {
-        let n = check(&ops).map_err(TestCaseError::fail)?;
-        total.fetch_add(n, Ordering::Relaxed);
+        let (stats, n) = check(&ops).map_err(TestCaseError::fail)?;
+        let mut t = totals.lock().expect("totals");
+        for (k, v) in stats {
+            *t.0.entry(k).or_insert(0) += v;
+        }
+        t.1 += n;
         Ok(())
     });
     if let Err(e) = result {
         panic!("{e}");
     }
-    let total = total.load(Ordering::Relaxed);
+    let (stats, total) = totals.into_inner().expect("totals");
     eprintln!("model test: {cases} sequences, {total} operations");
+    if std::env::var_os("SPOOLFS_MODEL_STATS").is_some() {
+        for (k, v) in &stats {
+            eprintln!("  {k:<28} {v}");
+        }
+    }
     if cases >= CASES {
         assert!(total >= 10_000, "only {total} operations ran");
     }
@@ -87,22 +103,26 @@ fn random_sequences_match_the_model() {
 
 // --- regression tests: shrunk failures, replayed as they were found ----------------------
 
+/// `Loc::In(root(), n)`: the name `NAMES[n]` in the root directory.
+fn root() -> Ref {
+    At(Path::of(&[]))
+}
+
 /// Smoke test of the harness itself: a little of everything, by hand.
 #[test]
 fn handwritten_tour() {
-    let root = || Ref::Path(Path::of(&[]));
     replay(&[
-        Op::Mkdir { dir: root(), name: 0, mode: 2 },
-        Op::Create { dir: Ref::Path(Path::of(&[0])), name: 1, mode: 0, acc: 2 },
-        Op::Write { h: 0, offset: 65_500, len: 100, seed: 3 },
-        Op::Link { src: Ref::Path(Path::of(&[0, 1])), dir: root(), name: 2 },
-        Op::Unlink { dir: Ref::Path(Path::of(&[0])), name: 1 },
-        Op::Rename { dir: root(), name: 2, new_dir: root(), new_name: 0, flags: 0 },
-        Op::Unlink { dir: root(), name: 2 },
-        Op::Read { h: 0, offset: 65_400, len: 300 },
-        Op::Rmdir { dir: root(), name: 0 },
-        Op::Release { h: 0 },
-        Op::ForgetAll,
+        Mkdir { at: In(root(), 0), mode: 2 },
+        Create { at: In(At(Path::of(&[0])), 1), mode: 0, acc: 2 },
+        Write { h: 0, offset: 65_500, len: 100, seed: 3 },
+        Link { src: At(Path::of(&[0, 1])), at: In(root(), 2) },
+        Unlink { at: In(At(Path::of(&[0])), 1) },
+        Rename { from: In(root(), 2), to: In(root(), 0), flags: 0 },
+        Unlink { at: In(root(), 2) },
+        Read { h: 0, offset: 65_400, len: 300 },
+        Rmdir { at: In(root(), 0) },
+        Release { h: 0 },
+        ForgetAll,
     ]);
 }
 
@@ -110,8 +130,8 @@ fn handwritten_tour() {
 #[test]
 fn zero_length_write_past_eof_keeps_size() {
     replay(&[
-        Op::Create { dir: Ref::Path(Path::of(&[])), name: 0, mode: 0, acc: 28 },
-        Op::Write { h: 0, offset: 1, len: 0, seed: 0 },
+        Create { at: In(root(), 0), mode: 0, acc: 28 },
+        Write { h: 0, offset: 1, len: 0, seed: 0 },
     ]);
 }
 
@@ -119,9 +139,8 @@ fn zero_length_write_past_eof_keeps_size() {
 /// first (EEXIST).
 #[test]
 fn link_directory_onto_existing_name_is_eexist() {
-    let root = || Ref::Path(Path::of(&[]));
     replay(&[
-        Op::Mkdir { dir: root(), name: 0, mode: 0 },
-        Op::Link { src: root(), dir: root(), name: 0 },
+        Mkdir { at: In(root(), 0), mode: 0 },
+        Link { src: root(), at: In(root(), 0) },
     ]);
 }

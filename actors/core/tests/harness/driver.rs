@@ -129,17 +129,14 @@ impl<A: Side, B: Side> Driver<A, B> {
     }
 
     /// Walk a path with LOOKUPs; `None` when it does not resolve (the same way on both).
-    fn resolve(&mut self, path: &Path) -> Step<Option<Attr>> {
-        if path.0.is_empty() {
-            let ra = self.a.getattr(ROOT);
-            let rb = self.b.getattr(ROOT);
-            same("getattr(root)", &ra, &rb)?;
-            return Ok(ra.ok());
+    fn resolve(&mut self, path: &[Vec<u8>]) -> Step<Option<Attr>> {
+        if path.is_empty() {
+            return self.getattr(ROOT);
         }
         let mut cur = ROOT;
         let mut attr = None;
-        for n in &path.0 {
-            match self.lookup(cur, name(*n))? {
+        for n in path {
+            match self.lookup(cur, n)? {
                 Some(a) => {
                     cur = a.ino;
                     attr = Some(a);
@@ -148,6 +145,28 @@ impl<A: Side, B: Side> Driver<A, B> {
             }
         }
         Ok(attr)
+    }
+
+    fn getattr(&mut self, ino: u64) -> Step<Option<Attr>> {
+        let ra = self.a.getattr(ino);
+        let rb = self.b.getattr(ino);
+        same(&format!("getattr({ino})"), &ra, &rb)?;
+        Ok(ra.ok())
+    }
+
+    /// The existing entries of a kind (per side a, which side b must match anyway).
+    fn live(&mut self, sel: Sel) -> Vec<Vec<Vec<u8>>> {
+        self.a
+            .tree()
+            .into_iter()
+            .filter(|(_, kind)| match sel {
+                Sel::Any => true,
+                Sel::Dir => *kind == Kind::Dir,
+                Sel::File => *kind == Kind::File,
+                Sel::NonDir => *kind != Kind::Dir,
+            })
+            .map(|(path, _)| path)
+            .collect()
     }
 
     /// The index of the `h`-th (modulo their number) open handle of the wanted kind.
@@ -171,10 +190,45 @@ impl<A: Side, B: Side> Driver<A, B> {
     }
 
     /// The inode a `Ref` names, `None` when there is none (the op is then done).
-    fn resolve_ref(&mut self, r: &Ref) -> Step<Option<u64>> {
+    fn resolve_ref(&mut self, r: &Ref) -> Step<Option<Attr>> {
         match r {
-            Ref::Path(p) => Ok(self.resolve(p)?.map(|a| a.ino)),
-            Ref::Handle(h) => Ok(self.pick(*h, Pick::Any).map(|s| s.ino)),
+            Ref::At(p) => {
+                let names: Vec<Vec<u8>> = p.0.iter().map(|n| name(*n).to_vec()).collect();
+                self.resolve(&names)
+            }
+            Ref::Live(sel, i) => {
+                let mut paths = self.live(*sel);
+                if matches!(sel, Sel::Any | Sel::Dir) {
+                    paths.push(Vec::new());
+                }
+                if paths.is_empty() {
+                    return Ok(None);
+                }
+                let path = paths[usize::from(*i) % paths.len()].clone();
+                self.resolve(&path)
+            }
+            Ref::Handle(h) => match self.pick(*h, Pick::Any) {
+                Some(s) => self.getattr(s.ino),
+                None => Ok(None),
+            },
+        }
+    }
+
+    /// The directory and name a `Loc` names, `None` when there is none.
+    fn resolve_loc(&mut self, l: &Loc) -> Step<Option<(u64, Vec<u8>)>> {
+        match l {
+            Loc::In(r, n) => Ok(self.resolve_ref(r)?.map(|a| (a.ino, name(*n).to_vec()))),
+            Loc::Entry(sel, i) => {
+                let paths = self.live(*sel);
+                if paths.is_empty() {
+                    return Ok(None);
+                }
+                let mut path = paths[usize::from(*i) % paths.len()].clone();
+                let Some(last) = path.pop() else {
+                    return Ok(None);
+                };
+                Ok(self.resolve(&path)?.map(|a| (a.ino, last)))
+            }
         }
     }
 
@@ -203,23 +257,23 @@ impl<A: Side, B: Side> Driver<A, B> {
 
     fn apply_op(&mut self, op: &Op) -> Step<()> {
         match op {
-            Op::Mkdir { dir, name: n, mode } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Mkdir { at, mode } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
                 let ino = self.alloc_ino();
-                let ra = self.a.mkdir(p, name(*n), dir_mode(*mode), ino);
-                let rb = self.b.mkdir(p, name(*n), dir_mode(*mode), ino);
+                let ra = self.a.mkdir(p, &n, dir_mode(*mode), ino);
+                let rb = self.b.mkdir(p, &n, dir_mode(*mode), ino);
                 self.entry("mkdir", ra, rb)
             }
-            Op::Create { dir, name: n, mode, acc } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Create { at, mode, acc } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
                 let ino = self.alloc_ino();
                 let flags = acc_flags(*acc) | libc::O_CREAT;
-                let ra = self.a.create(p, name(*n), file_mode(*mode), flags, ino);
-                let rb = self.b.create(p, name(*n), file_mode(*mode), flags, ino);
+                let ra = self.a.create(p, &n, file_mode(*mode), flags, ino);
+                let rb = self.b.create(p, &n, file_mode(*mode), flags, ino);
                 let attr_a = ra.as_ref().map(|(a, _)| a.clone()).map_err(|e| *e);
                 let attr_b = rb.as_ref().map(|(a, _)| a.clone()).map_err(|e| *e);
                 self.entry("create", attr_a, attr_b)?;
@@ -233,74 +287,76 @@ impl<A: Side, B: Side> Driver<A, B> {
                 }
                 Ok(())
             }
-            Op::Mknod { dir, name: n } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Mknod { at } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
                 let ino = self.alloc_ino();
                 let mode = libc::S_IFIFO | 0o644;
-                let ra = self.a.mknod(p, name(*n), mode, ino);
-                let rb = self.b.mknod(p, name(*n), mode, ino);
+                let ra = self.a.mknod(p, &n, mode, ino);
+                let rb = self.b.mknod(p, &n, mode, ino);
                 self.entry("mknod", ra, rb)
             }
-            Op::Symlink { dir, name: n, target } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Symlink { at, target } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
                 let ino = self.alloc_ino();
                 let t = symlink_target(*target);
-                let ra = self.a.symlink(p, name(*n), &t, ino);
-                let rb = self.b.symlink(p, name(*n), &t, ino);
+                let ra = self.a.symlink(p, &n, &t, ino);
+                let rb = self.b.symlink(p, &n, &t, ino);
                 self.entry("symlink", ra, rb)
             }
-            Op::Link { src, dir, name: n } => {
-                let Some(ino) = self.resolve_ref(src)? else {
+            Op::Link { src, at } => {
+                let Some(src) = self.resolve_ref(src)? else {
                     return Ok(());
                 };
-                let Some(p) = self.resolve_ref(dir)? else {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
-                let ra = self.a.link(ino, p, name(*n));
-                let rb = self.b.link(ino, p, name(*n));
+                let ra = self.a.link(src.ino, p, &n);
+                let rb = self.b.link(src.ino, p, &n);
                 self.entry("link", ra, rb)
             }
-            Op::Unlink { dir, name: n } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Unlink { at } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
-                let ra = self.a.unlink(p, name(*n));
-                let rb = self.b.unlink(p, name(*n));
+                let ra = self.a.unlink(p, &n);
+                let rb = self.b.unlink(p, &n);
                 self.same("unlink", &ra, &rb)
             }
-            Op::Rmdir { dir, name: n } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Rmdir { at } => {
+                let Some((p, n)) = self.resolve_loc(at)? else {
                     return Ok(());
                 };
-                let ra = self.a.rmdir(p, name(*n));
-                let rb = self.b.rmdir(p, name(*n));
+                let ra = self.a.rmdir(p, &n);
+                let rb = self.b.rmdir(p, &n);
                 self.same("rmdir", &ra, &rb)
             }
-            Op::Rename {
-                dir,
-                name: n,
-                new_dir,
-                new_name,
-                flags,
-            } => {
-                let Some(p) = self.resolve_ref(dir)? else {
+            Op::Rename { from, to, flags } => {
+                let Some((p, n)) = self.resolve_loc(from)? else {
                     return Ok(());
                 };
-                let Some(np) = self.resolve_ref(new_dir)? else {
+                let Some((np, nn)) = self.resolve_loc(to)? else {
                     return Ok(());
                 };
                 let f = rename_flags(*flags);
-                let ra = self.a.rename(p, name(*n), np, name(*new_name), f);
-                let rb = self.b.rename(p, name(*n), np, name(*new_name), f);
-                self.same("rename", &ra, &rb)
+                let ra = self.a.rename(p, &n, np, &nn, f);
+                let rb = self.b.rename(p, &n, np, &nn, f);
+                let what = match (f.noreplace, f.exchange) {
+                    (true, _) => "rename(noreplace)",
+                    (_, true) => "rename(exchange)",
+                    _ => "rename",
+                };
+                self.same(what, &ra, &rb)
             }
-            Op::Lookup { path } => self.resolve(path).map(|_| ()),
-            Op::Open { path, acc } => {
-                let Some(attr) = self.resolve(path)? else {
+            Op::Lookup { path } => {
+                let names: Vec<Vec<u8>> = path.0.iter().map(|n| name(*n).to_vec()).collect();
+                self.resolve(&names).map(|_| ())
+            }
+            Op::Open { target, acc } => {
+                let Some(attr) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 if attr.kind != Kind::File {
@@ -309,7 +365,11 @@ impl<A: Side, B: Side> Driver<A, B> {
                 let flags = acc_flags(*acc);
                 let ra = self.a.open(attr.ino, flags);
                 let rb = self.b.open(attr.ino, flags);
-                self.same("open", &ra.as_ref().map(|_| ()), &rb.as_ref().map(|_| ()))?;
+                self.same(
+                    "open",
+                    &ra.as_ref().map(|_| ()).map_err(|e| *e),
+                    &rb.as_ref().map(|_| ()).map_err(|e| *e),
+                )?;
                 if let (Ok(ha), Ok(hb)) = (ra, rb) {
                     self.slots.push(Slot {
                         ino: attr.ino,
@@ -320,13 +380,17 @@ impl<A: Side, B: Side> Driver<A, B> {
                 }
                 Ok(())
             }
-            Op::OpenDir { path } => {
-                let Some(attr) = self.resolve(path)? else {
+            Op::OpenDir { target } => {
+                let Some(attr) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.opendir(attr.ino);
                 let rb = self.b.opendir(attr.ino);
-                self.same("opendir", &ra.as_ref().map(|_| ()), &rb.as_ref().map(|_| ()))?;
+                self.same(
+                    "opendir",
+                    &ra.as_ref().map(|_| ()).map_err(|e| *e),
+                    &rb.as_ref().map(|_| ()).map_err(|e| *e),
+                )?;
                 if let (Ok(ha), Ok(hb)) = (ra, rb) {
                     self.slots.push(Slot {
                         ino: attr.ino,
@@ -381,8 +445,8 @@ impl<A: Side, B: Side> Driver<A, B> {
                 let rb = self.b.release(s.ino, s.b, s.dir);
                 self.same("release", &ra, &rb)
             }
-            Op::Truncate { path, size } => {
-                let Some(attr) = self.resolve(path)? else {
+            Op::Truncate { target, size } => {
+                let Some(attr) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.truncate(attr.ino, *size, None);
@@ -420,7 +484,7 @@ impl<A: Side, B: Side> Driver<A, B> {
                 value,
                 flags,
             } => {
-                let Some(ino) = self.resolve_ref(target)? else {
+                let Some(Attr { ino, .. }) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let v = pattern(*value, usize::from(*value % 24));
@@ -430,7 +494,7 @@ impl<A: Side, B: Side> Driver<A, B> {
                 self.same("setxattr", &ra, &rb)
             }
             Op::GetXattr { target, name: n } => {
-                let Some(ino) = self.resolve_ref(target)? else {
+                let Some(Attr { ino, .. }) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.getxattr(ino, xattr_name(*n));
@@ -438,7 +502,7 @@ impl<A: Side, B: Side> Driver<A, B> {
                 self.same("getxattr", &ra, &rb)
             }
             Op::ListXattr { target } => {
-                let Some(ino) = self.resolve_ref(target)? else {
+                let Some(Attr { ino, .. }) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.listxattr(ino);
@@ -446,15 +510,15 @@ impl<A: Side, B: Side> Driver<A, B> {
                 self.same("listxattr", &ra, &rb)
             }
             Op::RemoveXattr { target, name: n } => {
-                let Some(ino) = self.resolve_ref(target)? else {
+                let Some(Attr { ino, .. }) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.removexattr(ino, xattr_name(*n));
                 let rb = self.b.removexattr(ino, xattr_name(*n));
                 self.same("removexattr", &ra, &rb)
             }
-            Op::Readlink { path } => {
-                let Some(attr) = self.resolve(path)? else {
+            Op::Readlink { target } => {
+                let Some(attr) = self.resolve_ref(target)? else {
                     return Ok(());
                 };
                 let ra = self.a.readlink(attr.ino);

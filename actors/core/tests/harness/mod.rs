@@ -129,6 +129,8 @@ pub trait Side {
     fn getxattr(&mut self, ino: u64, name: &[u8]) -> Res<Vec<u8>>;
     fn listxattr(&mut self, ino: u64) -> Res<Vec<u8>>;
     fn removexattr(&mut self, ino: u64, name: &[u8]) -> Res<()>;
+    /// Every entry reachable from the root, as (path, kind), in depth-first name order.
+    fn tree(&mut self) -> Vec<(Vec<Vec<u8>>, Kind)>;
     /// The daemon stops and starts again: every handle and kernel reference is gone.
     fn restart(&mut self);
     /// Called after every operation (the redb side commits now and then).

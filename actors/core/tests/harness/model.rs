@@ -574,6 +574,24 @@ impl Side for Model {
         Ok(())
     }
 
+    fn tree(&mut self) -> Vec<(Vec<Vec<u8>>, Kind)> {
+        fn walk(m: &Model, ino: u64, prefix: &mut Vec<Vec<u8>>, out: &mut Vec<(Vec<Vec<u8>>, Kind)>) {
+            let Some(n) = m.nodes.get(&ino) else { return };
+            for (name, child) in &n.entries {
+                let kind = m.nodes.get(child).map_or(Kind::File, |c| c.kind);
+                prefix.push(name.clone());
+                out.push((prefix.clone(), kind));
+                if kind == Kind::Dir {
+                    walk(m, *child, prefix, out);
+                }
+                prefix.pop();
+            }
+        }
+        let mut out = Vec::new();
+        walk(self, ROOT, &mut Vec::new(), &mut out);
+        out
+    }
+
     fn restart(&mut self) {
         self.lookups.clear();
         self.handles.clear();

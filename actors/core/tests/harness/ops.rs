@@ -40,11 +40,30 @@ impl fmt::Debug for Path {
     }
 }
 
-/// An inode given as a path, or as the inode of an open handle (which may be unlinked).
+/// Which existing entries a `Ref::Live` or `Loc::Entry` chooses among.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sel {
+    Any,
+    Dir,
+    File,
+    NonDir,
+}
+
+/// An inode: a path that may or may not exist, the `n`-th (modulo their number) existing
+/// entry of a kind (the root counts as a directory), or the inode of an open handle (which
+/// may be unlinked).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ref {
-    Path(Path),
+    At(Path),
+    Live(Sel, u16),
     Handle(u8),
+}
+
+/// A directory entry: a name in a directory, or an existing entry of a kind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Loc {
+    In(Ref, u8),
+    Entry(Sel, u16),
 }
 
 /// Access mode of an open: 0 = O_RDONLY, 1 = O_WRONLY, 2 = O_RDWR.
@@ -100,34 +119,34 @@ pub fn symlink_target(t: u8) -> Vec<u8> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Mkdir { dir: Ref, name: u8, mode: u8 },
-    /// create + the handle it returns stays open.
-    Create { dir: Ref, name: u8, mode: u8, acc: u8 },
+    Mkdir { at: Loc, mode: u8 },
+    /// create; the handle it returns stays open.
+    Create { at: Loc, mode: u8, acc: u8 },
     /// mknod of a FIFO.
-    Mknod { dir: Ref, name: u8 },
-    Symlink { dir: Ref, name: u8, target: u8 },
-    Link { src: Ref, dir: Ref, name: u8 },
-    Unlink { dir: Ref, name: u8 },
-    Rmdir { dir: Ref, name: u8 },
-    Rename { dir: Ref, name: u8, new_dir: Ref, new_name: u8, flags: u8 },
+    Mknod { at: Loc },
+    Symlink { at: Loc, target: u8 },
+    Link { src: Ref, at: Loc },
+    Unlink { at: Loc },
+    Rmdir { at: Loc },
+    Rename { from: Loc, to: Loc, flags: u8 },
     Lookup { path: Path },
     /// Open a regular file (other kinds are skipped: the kernel does not send them OPEN).
-    Open { path: Path, acc: u8 },
-    OpenDir { path: Path },
+    Open { target: Ref, acc: u8 },
+    OpenDir { target: Ref },
     Readdir { h: u8 },
     Write { h: u8, offset: u64, len: u32, seed: u8 },
     Read { h: u8, offset: u64, len: u32 },
     Release { h: u8 },
     /// truncate(2) by path.
-    Truncate { path: Path, size: u64 },
-    /// ftruncate(2) through a writable handle.
+    Truncate { target: Ref, size: u64 },
+    /// ftruncate(2) through a handle.
     Ftruncate { h: u8, size: u64 },
     Fallocate { h: u8, offset: u64, len: u64, mode: u8 },
     SetXattr { target: Ref, name: u8, value: u8, flags: u8 },
     GetXattr { target: Ref, name: u8 },
     ListXattr { target: Ref },
     RemoveXattr { target: Ref, name: u8 },
-    Readlink { path: Path },
+    Readlink { target: Ref },
     /// FORGET one known inode: all its references, or just one.
     Forget { pick: u8, all: bool },
     /// The kernel drops its whole dentry cache.
@@ -140,23 +159,32 @@ fn path(max_depth: usize) -> impl Strategy<Value = Path> {
     prop::collection::vec(0..NAMES.len() as u8, 0..=max_depth).prop_map(Path)
 }
 
-/// A directory: mostly by path (up to two deep, so entries go up to three deep).
-fn dir_ref() -> impl Strategy<Value = Ref> {
+fn live(sel: Sel) -> impl Strategy<Value = Ref> {
+    any::<u16>().prop_map(move |i| Ref::Live(sel, i))
+}
+
+/// An inode mostly of kind `sel`; sometimes a random path or a handle's inode.
+fn target(sel: Sel) -> impl Strategy<Value = Ref> {
     prop_oneof![
-        10 => path(2).prop_map(Ref::Path),
+        6 => live(sel),
+        2 => live(Sel::Any),
+        2 => path(3).prop_map(Ref::At),
         1 => any::<u8>().prop_map(Ref::Handle),
     ]
 }
 
-fn target_ref() -> impl Strategy<Value = Ref> {
-    prop_oneof![
-        6 => path(3).prop_map(Ref::Path),
-        1 => any::<u8>().prop_map(Ref::Handle),
-    ]
+/// A name in a directory, for creating entries: mostly in an existing directory.
+fn new_loc() -> impl Strategy<Value = Loc> {
+    (target(Sel::Dir), 0..NAMES.len() as u8).prop_map(|(r, n)| Loc::In(r, n))
 }
 
-fn name_idx() -> impl Strategy<Value = u8> {
-    0..NAMES.len() as u8
+/// An entry to remove or rename: mostly an existing one of kind `sel`.
+fn old_loc(sel: Sel) -> impl Strategy<Value = Loc> {
+    prop_oneof![
+        6 => any::<u16>().prop_map(move |i| Loc::Entry(sel, i)),
+        2 => any::<u16>().prop_map(|i| Loc::Entry(Sel::Any, i)),
+        2 => new_loc(),
+    ]
 }
 
 /// Offsets and sizes: mostly small, often right around a chunk boundary, sometimes anywhere
@@ -181,52 +209,43 @@ fn length() -> impl Strategy<Value = u32> {
 pub fn op() -> impl Strategy<Value = Op> {
     let h = any::<u8>;
     prop_oneof![
-        6 => (dir_ref(), name_idx(), any::<u8>())
-            .prop_map(|(dir, name, mode)| Op::Mkdir { dir, name, mode }),
-        6 => (dir_ref(), name_idx(), any::<u8>(), any::<u8>())
-            .prop_map(|(dir, name, mode, acc)| Op::Create { dir, name, mode, acc }),
-        2 => (dir_ref(), name_idx()).prop_map(|(dir, name)| Op::Mknod { dir, name }),
-        2 => (dir_ref(), name_idx(), any::<u8>())
-            .prop_map(|(dir, name, target)| Op::Symlink { dir, name, target }),
-        4 => (target_ref(), dir_ref(), name_idx())
-            .prop_map(|(src, dir, name)| Op::Link { src, dir, name }),
-        4 => (dir_ref(), name_idx()).prop_map(|(dir, name)| Op::Unlink { dir, name }),
-        3 => (dir_ref(), name_idx()).prop_map(|(dir, name)| Op::Rmdir { dir, name }),
-        8 => (dir_ref(), name_idx(), dir_ref(), name_idx(), any::<u8>()).prop_map(
-            |(dir, name, new_dir, new_name, flags)| Op::Rename {
-                dir,
-                name,
-                new_dir,
-                new_name,
-                flags
-            }
-        ),
-        2 => path(3).prop_map(|path| Op::Lookup { path }),
-        4 => (path(3), any::<u8>()).prop_map(|(path, acc)| Op::Open { path, acc }),
-        1 => path(2).prop_map(|path| Op::OpenDir { path }),
+        6 => (new_loc(), any::<u8>()).prop_map(|(at, mode)| Op::Mkdir { at, mode }),
+        6 => (new_loc(), any::<u8>(), any::<u8>())
+            .prop_map(|(at, mode, acc)| Op::Create { at, mode, acc }),
+        1 => new_loc().prop_map(|at| Op::Mknod { at }),
+        1 => (new_loc(), any::<u8>()).prop_map(|(at, target)| Op::Symlink { at, target }),
+        4 => (target(Sel::NonDir), new_loc()).prop_map(|(src, at)| Op::Link { src, at }),
+        4 => old_loc(Sel::NonDir).prop_map(|at| Op::Unlink { at }),
+        3 => old_loc(Sel::Dir).prop_map(|at| Op::Rmdir { at }),
+        12 => (old_loc(Sel::Any), prop_oneof![new_loc(), old_loc(Sel::Any)], any::<u8>())
+            .prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
+        1 => path(3).prop_map(|path| Op::Lookup { path }),
+        5 => (target(Sel::File), any::<u8>()).prop_map(|(target, acc)| Op::Open { target, acc }),
+        1 => target(Sel::Dir).prop_map(|target| Op::OpenDir { target }),
         1 => h().prop_map(|h| Op::Readdir { h }),
-        10 => (h(), offset(), length(), any::<u8>())
+        12 => (h(), offset(), length(), any::<u8>())
             .prop_map(|(h, offset, len, seed)| Op::Write { h, offset, len, seed }),
         5 => (h(), offset(), length()).prop_map(|(h, offset, len)| Op::Read { h, offset, len }),
-        4 => h().prop_map(|h| Op::Release { h }),
-        2 => (path(3), offset()).prop_map(|(path, size)| Op::Truncate { path, size }),
+        5 => h().prop_map(|h| Op::Release { h }),
+        2 => (target(Sel::File), offset()).prop_map(|(target, size)| Op::Truncate { target, size }),
         2 => (h(), offset()).prop_map(|(h, size)| Op::Ftruncate { h, size }),
         3 => (h(), offset(), 1..100_000u64, any::<u8>())
             .prop_map(|(h, offset, len, mode)| Op::Fallocate { h, offset, len, mode }),
-        2 => (target_ref(), any::<u8>(), any::<u8>(), any::<u8>())
+        2 => (target(Sel::Any), any::<u8>(), any::<u8>(), any::<u8>())
             .prop_map(|(target, name, value, flags)| Op::SetXattr { target, name, value, flags }),
-        1 => (target_ref(), any::<u8>()).prop_map(|(target, name)| Op::GetXattr { target, name }),
-        1 => target_ref().prop_map(|target| Op::ListXattr { target }),
-        1 => (target_ref(), any::<u8>())
+        1 => (target(Sel::Any), any::<u8>())
+            .prop_map(|(target, name)| Op::GetXattr { target, name }),
+        1 => target(Sel::Any).prop_map(|target| Op::ListXattr { target }),
+        1 => (target(Sel::Any), any::<u8>())
             .prop_map(|(target, name)| Op::RemoveXattr { target, name }),
-        1 => path(3).prop_map(|path| Op::Readlink { path }),
+        1 => target(Sel::NonDir).prop_map(|target| Op::Readlink { target }),
         3 => (h(), any::<bool>()).prop_map(|(pick, all)| Op::Forget { pick, all }),
         1 => Just(Op::ForgetAll),
         1 => Just(Op::Restart),
     ]
 }
 
-/// A sequence of `len` operations.
+/// A sequence of operations.
 pub fn ops(len: std::ops::RangeInclusive<usize>) -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op(), len)
 }

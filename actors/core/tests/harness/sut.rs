@@ -377,6 +377,29 @@ impl<B: Backend> Side for Sut<B> {
             .with(|s| fs.removexattr(s, ctx, Ino(ino), name))
     }
 
+    fn tree(&mut self) -> Vec<(Vec<Vec<u8>>, Kind)> {
+        fn walk(
+            s: &mut impl Store,
+            dir: Ino,
+            prefix: &mut Vec<Vec<u8>>,
+            out: &mut Vec<(Vec<Vec<u8>>, Kind)>,
+        ) {
+            let entries = s.dentries(dir, None, usize::MAX).expect("dentries");
+            for (name, d) in entries {
+                prefix.push(name);
+                out.push((prefix.clone(), d.kind));
+                if d.kind == Kind::Dir {
+                    walk(s, d.ino, prefix, out);
+                }
+                prefix.pop();
+            }
+        }
+        let mut out = Vec::new();
+        self.backend
+            .with(|s| walk(s, Ino::ROOT, &mut Vec::new(), &mut out));
+        out
+    }
+
     fn restart(&mut self) {
         self.backend.restart();
         self.fs = Fs::new(self.fs.limits);
