@@ -167,6 +167,20 @@ def run_isolated(fn, args, timeout, on_hang=None):
     return res[0], res[1], time.monotonic() - t0
 
 
+def cpu_snapshot():
+    """(wall s, machine busy CPU s, CPU s of this process and its reaped descendants).
+
+    The difference tells how much CPU *other* processes used while we measured: this is a
+    shared machine, and a benchmark that does not say how busy it was is not worth much.
+    Kernel threads (writeback, journal) count as "other" too."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)  # not idle/iowait
+    t = os.times()
+    return (time.monotonic(), busy / os.sysconf("SC_CLK_TCK"),
+            t.user + t.system + t.children_user + t.children_system)
+
+
 class Bench:
     def __init__(self, a, out_dir, log):
         self.a = a
@@ -197,10 +211,13 @@ class Bench:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
                     break
-        git = cmd("git", "-C", REPO, "rev-parse", "--short", "HEAD")
-        if cmd("git", "-C", REPO, "status", "--porcelain", "--", "src", "actors", "Cargo.toml",
-               "Cargo.lock"):
-            git += " + uncommitted changes in src/actors/Cargo"
+        git = os.environ.get("BENCH_SOURCE_DESC", "")
+        if not git:  # the work tree as built by run.sh (or SPOOLFS_BIN: then only a hint)
+            git = cmd("git", "-C", REPO, "rev-parse", "--short", "HEAD") + " work tree"
+            dirty = cmd("git", "-C", REPO, "status", "--porcelain", "--", "src", "actors",
+                        "Cargo.toml", "Cargo.lock")
+            if dirty:
+                git += f" with uncommitted changes in {len(dirty.splitlines())} files"
         return {
             "started": datetime.datetime.now().isoformat(timespec="seconds"),
             "out_dir": self.out,
@@ -216,6 +233,7 @@ class Bench:
             "fio": cmd("fio", "--version"),
             "ext4_dir": self.ext4.root,
             "ext4_type": self.ext4.type,
+            "ext4_options": fstargets.mount_options_of(self.ext4.root),
             "tmpfs_dir": self.tmpfs.root,
             "spoolfs_data_parent": os.path.join(a.work_dir, "spoolfs-data"),
             "params": {
@@ -368,6 +386,7 @@ class Bench:
         try:
             for wl in self.a.workloads:
                 self.log(f"=== {wl}")
+                snap = cpu_snapshot()
                 workloads.drop_caches()  # every workload starts from the same cold state
                 try:
                     self.spoolfs.start(wl)
@@ -390,6 +409,14 @@ class Bench:
                                  f"{d['exit']}" + (f"; problems: {d['problems']}" if d['problems'] else ""))
                     # the data dir of a workload is not needed after it: free the disk
                     workloads.remove_tree(os.path.join(self.a.work_dir, "spoolfs-data", wl))
+                    now = cpu_snapshot()
+                    wall = now[0] - snap[0]
+                    other = max(0.0, (now[1] - snap[1]) - (now[2] - snap[2])) / max(wall, 1e-9)
+                    self.meta.setdefault("load", {})[wl] = {
+                        "wall_s": round(wall, 1), "other_cores": round(other, 2),
+                        "loadavg_end": open("/proc/loadavg").read().split()[:3]}
+                    self.log(f"  {wl} took {wall:.0f} s; other processes used {other:.2f} "
+                             f"cores meanwhile")
                     self.meta["duration_s"] = time.monotonic() - t0
                     self.save()
         finally:

@@ -16,6 +16,19 @@ import subprocess
 import time
 
 
+def mount_options_of(path):
+    """Mount and superblock options of the filesystem holding `path` (for the report)."""
+    path = os.path.realpath(path)
+    best = ("", "")
+    with open("/proc/self/mountinfo") as fh:
+        for line in fh:
+            fields = line.split()
+            mp, dash = fields[4], fields.index("-")
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[0]):
+                best = (mp, f"{fields[5]} / {fields[dash + 3]}")
+    return best[1]
+
+
 def mountinfo():
     """[(mount_point, fs_type, source, major:minor)] from /proc/self/mountinfo. Reading it
     never touches a mount, so it is safe while a FUSE daemon hangs."""

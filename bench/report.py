@@ -40,6 +40,7 @@ METRICS = {
         "stat_per_s": ("stat", "ops/s", "higher", True),
         "readdir_entries_per_s": ("readdir", "entries/s", "higher", True),
         "unlink_per_s": ("unlink", "ops/s", "higher", True),
+        "mknod_per_s": ("create without open/close (mknod)", "ops/s", "higher", True),
     },
     "dirsize": {
         "create_us": ("create cost", "µs/create", "lower", True),
@@ -237,8 +238,17 @@ def markdown(res):
       f"mount args: `{' '.join(p['spoolfs_args']) or '(defaults)'}`")
     w(f"- Machine: {meta['cpu']}, {meta['cores']} cores, {meta['mem_gib']:.0f} GiB RAM, "
       f"kernel {meta['kernel']}; {meta['fio']}, Python {meta['python']}")
-    w(f"- ext4: `{meta['ext4_dir']}` ({meta['ext4_type']}, same filesystem and disk as the "
-      f"spoolfs data dir `{meta['spoolfs_data_parent']}`); tmpfs: `{meta['tmpfs_dir']}`")
+    w(f"- ext4: `{meta['ext4_dir']}` ({meta['ext4_type']} `{meta.get('ext4_options', '')}`, "
+      f"same filesystem and disk as the spoolfs data dir `{meta['spoolfs_data_parent']}`); "
+      f"tmpfs: `{meta['tmpfs_dir']}`")
+    load = meta.get("load", {})
+    if load:
+        total_wall = sum(v["wall_s"] for v in load.values())
+        mean_other = sum(v["other_cores"] * v["wall_s"] for v in load.values()) / max(total_wall, 1e-9)
+        noisy = mean_other > 0.2
+        w(f"- {'**Machine not idle**: ' if noisy else 'Machine load: '}other processes (and "
+          f"kernel threads) used {mean_other:.2f} of {meta['cores']} cores on average during the "
+          f"run (per workload in the daemon table){'; numbers are noisier and lower than on an idle machine' if noisy else ''}.")
     w(f"- Each number is the median of {p['repeats']} runs; filesystems are measured in "
       f"rotating order within each repeat. Ratios are spoolfs ÷ the other filesystem: for "
       f"↑ metrics above 1× means spoolfs is faster, for ↓ metrics (costs, latencies) below 1× "
@@ -289,14 +299,16 @@ def markdown(res):
       "(/proc/PID/status) just before unmount; database = size of spoolfs.redb at the end; "
       "unmount = time `spoolfs umount` took (final commit).")
     w("")
-    w("| Workload | CPU s | CPU in timed runs, s | peak RSS MiB | database MiB | unmount s | exit |")
-    w("|---|--:|--:|--:|--:|--:|---|")
+    w("| Workload | CPU s | CPU in timed runs, s | peak RSS MiB | database MiB | unmount s | exit "
+      "| workload wall s | other load, cores |")
+    w("|---|--:|--:|--:|--:|--:|---|--:|--:|")
     for d in res["daemons"]:
         timed = sum(r.get("daemon_cpu_s") or 0 for r in records
                     if r["workload"] == d["workload"] and r["fs"] == "spoolfs")
         w(f"| {d['workload']} | {fmt(d.get('cpu_s'))} | {fmt(timed)} | "
           f"{fmt(d.get('peak_rss_mib'))} | {fmt(d.get('db_mib'))} | {fmt(d.get('umount_s'))} | "
-          f"{d.get('exit', '?')} |")
+          f"{d.get('exit', '?')} | {fmt(load.get(d['workload'], {}).get('wall_s'))} | "
+          f"{fmt(load.get(d['workload'], {}).get('other_cores'))} |")
     w("")
     problems = [r for r in records if r["status"] != "ok"]
     daemon_problems = [d for d in res["daemons"] if d["problems"] or d.get("log_notable")]
@@ -363,12 +375,12 @@ def plot(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Rates only, so all bars read "right = spoolfs faster"; the directory-size rows are a
+    # cost (µs/create) in the table and are plotted as their rate (creates/s).
     rows = [(k, row) for k, row in summary.items()
-            if METRICS[k[0]][k[2]][2] == "higher" and METRICS[k[0]][k[2]][3]
-            and row["spoolfs"]["median"] is not None]
-    # dirsize is a cost (↓): plot it as creates/s so all bars read "right = spoolfs faster"
-    rows += [(k, row) for k, row in summary.items()
-             if k[0] == "dirsize" and k[2] == "create_per_s" and row["spoolfs"]["median"]]
+            if row["spoolfs"]["median"] is not None
+            and ((METRICS[k[0]][k[2]][2] == "higher" and METRICS[k[0]][k[2]][3])
+                 or (k[0] == "dirsize" and k[2] == "create_per_s"))]
     if not rows:
         raise RuntimeError("no spoolfs results to plot")
     labels = [f"{WORKLOAD_TITLES[wl]} {case}: {METRICS[wl][m][0]}" for (wl, case, m), _ in rows]

@@ -20,13 +20,26 @@ repo=$(dirname "$here")
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 
 build=1
+ref=${BENCH_REF:-}
 args=()
-for a in "$@"; do
+while (($#)); do
+    a=$1
+    shift
     case "$a" in
     --no-build) build=0 ;;
+    --ref)
+        ref=${1:?--ref needs a revision}
+        shift
+        ;;
+    --ref=*) ref=${a#--ref=} ;;
     -h | --help)
         sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
-        echo "run.sh's own option: --no-build (use the existing binary). The driver's options:"
+        echo
+        echo "run.sh's own options:"
+        echo "  --no-build   use the existing target/release/spoolfs (or SPOOLFS_BIN)"
+        echo "  --ref REV    benchmark a committed revision: build it from a clean export"
+        echo "               (git archive) in /var/tmp/spoolfs-bench-src/COMMIT [BENCH_REF]"
+        echo "The driver's options:"
         echo
         exec python3 "$here/bench.py" --help
         ;;
@@ -39,7 +52,21 @@ if [[ $(id -u) != 0 ]]; then
     exit 1
 fi
 
-if [[ -z "${SPOOLFS_BIN:-}" ]]; then
+if [[ -n "$ref" ]]; then
+    # A committed revision, exported clean: the work tree may hold other people's
+    # half-done edits, and a benchmark should name exactly what it measured.
+    rev=$(git -C "$repo" rev-parse --verify "$ref^{commit}")
+    src=/var/tmp/spoolfs-bench-src/$rev
+    if [[ ! -x "$src/target/release/spoolfs" ]]; then
+        echo "=== building $rev from a clean export in $src"
+        rm -rf "$src"
+        mkdir -p "$src"
+        git -C "$repo" archive "$rev" | tar -x -C "$src"
+        (cd "$src" && cargo build --release --bin spoolfs)
+    fi
+    export SPOOLFS_BIN="$src/target/release/spoolfs"
+    export BENCH_SOURCE_DESC="$(git -C "$repo" log -1 --format='%h (%s)' "$rev" | cut -c1-100), clean export"
+elif [[ -z "${SPOOLFS_BIN:-}" ]]; then
     export SPOOLFS_BIN="$repo/target/release/spoolfs"
     if ((build)); then
         echo "=== cargo build --release"

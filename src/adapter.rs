@@ -117,10 +117,26 @@ fn timestamp(t: SystemTime) -> Timestamp {
     }
 }
 
+/// A time from a SETATTR request. fuser 0.18 decodes a pre-epoch kernel timespec
+/// `(-S, n)` as `UNIX_EPOCH - (S s + n ns)` instead of `UNIX_EPOCH - S s + n ns` (its
+/// `system_time_from_time`; fixed upstream in cberner/fuser#705), so `utimensat` with e.g.
+/// `(-2, 5e8)` would be stored as `(-3, 5e8)`. Undo that here: the duration before the
+/// epoch is exactly `S s + n ns`. Drop this (use `timestamp`) once fuser has the fix.
+fn request_timestamp(t: SystemTime) -> Timestamp {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(_) => timestamp(t),
+        Err(before) => {
+            let d = before.duration();
+            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            Timestamp::new(-secs, d.subsec_nanos())
+        }
+    }
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(timestamp(t)),
+        TimeOrNow::SpecificTime(t) => SetTime::At(request_timestamp(t)),
     }
 }
 
@@ -269,7 +285,7 @@ impl Filesystem for Adapter {
             size,
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
-            ctime: ctime.map(timestamp),
+            ctime: ctime.map(request_timestamp),
             fh: f.map(fh),
         };
         self.send(req, Op::SetAttr { ino: ino(i), set }, attr_reply(reply));
@@ -705,5 +721,16 @@ mod tests {
         ] {
             assert_eq!(timestamp(system_time(t)), t);
         }
+    }
+
+    #[test]
+    fn request_times_undo_fusers_pre_epoch_decoding() {
+        // What fuser 0.18 hands us for the kernel timespec (-2, 500_000_000).
+        let decoded = UNIX_EPOCH - Duration::new(2, 500_000_000);
+        assert_eq!(request_timestamp(decoded), Timestamp::new(-2, 500_000_000));
+        let decoded = UNIX_EPOCH - Duration::new(5, 0);
+        assert_eq!(request_timestamp(decoded), Timestamp::new(-5, 0));
+        let after = UNIX_EPOCH + Duration::new(7, 9);
+        assert_eq!(request_timestamp(after), Timestamp::new(7, 9));
     }
 }

@@ -66,7 +66,9 @@ async fn ask_actor(daemon: &Daemon) -> Option<(StatusReport, usize)> {
     };
     // `send` may block while the queue is full: do it off the async workers.
     let queue_depth = actor.queue_depth();
-    tokio::task::spawn_blocking(move || actor.send(msg)).await.ok()?;
+    tokio::task::spawn_blocking(move || actor.send(msg))
+        .await
+        .ok()?;
     match tokio::time::timeout(Duration::from_secs(5), rx).await {
         Ok(Ok(Ok(Reply::Status(s)))) => Some((s, queue_depth)),
         _ => None,
@@ -84,20 +86,40 @@ async fn report(daemon: &Daemon) -> String {
         out.push_str(&v);
         out.push('\n');
     };
-    line("state", if ready { "ready".into() } else { "not ready".into() });
+    line(
+        "state",
+        if ready {
+            "ready".into()
+        } else {
+            "not ready".into()
+        },
+    );
     line("mountpoint", daemon.mountpoint.display().to_string());
     line("pid", std::process::id().to_string());
     line("version", env!("CARGO_PKG_VERSION").into());
     line("uptime_seconds", format!("{uptime:.0}"));
     line("metrics", daemon.metrics_addr.clone());
     if let Some((s, queue_depth)) = status {
-        let rate = if uptime > 0.0 { s.requests as f64 / uptime } else { 0.0 };
-        line("requests", format!("{} ({rate:.1}/s since start)", s.requests));
-        line("commits", format!("{} ({} durable)", s.commits, s.durable_commits));
+        let rate = if uptime > 0.0 {
+            s.requests as f64 / uptime
+        } else {
+            0.0
+        };
+        line(
+            "requests",
+            format!("{} ({rate:.1}/s since start)", s.requests),
+        );
+        line(
+            "commits",
+            format!("{} ({} durable)", s.commits, s.durable_commits),
+        );
         line("queue_depth", queue_depth.to_string());
         line("open_handles", s.open_handles.to_string());
         line("kernel_known_inodes", s.known_inodes.to_string());
-        line("memfd_bytes", format!("{} ({} dirty chunks)", s.memfd_bytes, s.memfd_dirty_chunks));
+        line(
+            "memfd_bytes",
+            format!("{} ({} dirty chunks)", s.memfd_bytes, s.memfd_dirty_chunks),
+        );
         line("db_bytes", s.db_bytes.to_string());
     }
     out

@@ -158,7 +158,12 @@ fn run(
         SessionACL::Owner
     };
     let acl = session_config.acl;
-    let session = match Session::from_fd(Adapter::new(actor, metrics.clone()), fd, acl, session_config) {
+    let session = match Session::from_fd(
+        Adapter::new(actor, metrics.clone()),
+        fd,
+        acl,
+        session_config,
+    ) {
         Ok(s) => s,
         Err(e) => {
             let _ = mount::unmount(mnt, true);
@@ -253,7 +258,20 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     if entry.is_none() {
         return Err(fail(format!("{}: not mounted", abs.display())));
     }
-    match mount::unmount(&abs, lazy) {
+    // --lazy tries a plain unmount first and detaches only if that finds the mount busy.
+    // A busy detached mount keeps its daemon serving the open files, so it cannot release
+    // the data dir until they are closed: waiting for it then would only stall (30 s, and
+    // report success anyway). A mount that was not busy is waited for as usual, so a mount
+    // right after `umount --lazy` finds the data dir free.
+    let mut detached_busy = false;
+    let result = match mount::unmount(&abs, false) {
+        Err(nix::errno::Errno::EBUSY) if lazy => {
+            detached_busy = true;
+            mount::unmount(&abs, true)
+        }
+        r => r,
+    };
+    match result {
         Ok(()) => {}
         Err(nix::errno::Errno::EBUSY) => {
             return Err(fail(format!(
@@ -265,7 +283,7 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     }
     // Wait for the daemon to write its last commit and release the data dir, so that a mount
     // right after this returns finds it free.
-    if let Some(e) = entry.filter(|e| e.fs_type == "fuse.spoolfs") {
+    if let Some(e) = entry.filter(|e| e.fs_type == "fuse.spoolfs" && !detached_busy) {
         let data_dir = Path::new(&e.source);
         let deadline = Instant::now() + Duration::from_secs(30);
         while mount::lock_holder(data_dir).is_some() {
@@ -289,7 +307,10 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
 pub fn status(mountpoint: &Path) -> Result<(), Failure> {
     let abs = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let Some(entry) = mount::mount_at(&abs).filter(|e| e.fs_type == "fuse.spoolfs") else {
-        return Err(Failure::new(3, format!("{}: no spoolfs mounted here", abs.display())));
+        return Err(Failure::new(
+            3,
+            format!("{}: no spoolfs mounted here", abs.display()),
+        ));
     };
     let data_dir = Path::new(&entry.source);
     match control::query(data_dir) {
@@ -298,12 +319,19 @@ pub fn status(mountpoint: &Path) -> Result<(), Failure> {
             if text.starts_with("state: ready") {
                 Ok(())
             } else {
-                Err(Failure::new(1, format!("{}: daemon is not ready", abs.display())))
+                Err(Failure::new(
+                    1,
+                    format!("{}: daemon is not ready", abs.display()),
+                ))
             }
         }
         None if mount::lock_holder(data_dir).is_some() => Err(Failure::new(
             1,
-            format!("{}: the daemon holds {} but does not answer", abs.display(), data_dir.display()),
+            format!(
+                "{}: the daemon holds {} but does not answer",
+                abs.display(),
+                data_dir.display()
+            ),
         )),
         None => Err(Failure::new(
             1,
@@ -322,7 +350,10 @@ fn metrics_addr(arg: &str) -> Result<Option<std::net::SocketAddr>, Failure> {
         return Ok(None);
     }
     arg.parse().map(Some).map_err(|e| {
-        Failure::new(exit::USAGE, format!("--metrics-addr {arg:?}: {e} (expected HOST:PORT or off)"))
+        Failure::new(
+            exit::USAGE,
+            format!("--metrics-addr {arg:?}: {e} (expected HOST:PORT or off)"),
+        )
     })
 }
 

@@ -38,12 +38,20 @@ struct AppState {
 
 /// Serve until the runtime shuts down. A port already in use is reported, not fatal: the
 /// mount matters more than its metrics, and several mounts on one machine need several ports.
-pub fn spawn(runtime: &tokio::runtime::Runtime, addr: SocketAddr, registry: Arc<Registry>, readiness: Arc<Readiness>) {
+pub fn spawn(
+    runtime: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    readiness: Arc<Readiness>,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { registry, readiness });
+        .with_state(AppState {
+            registry,
+            readiness,
+        });
     runtime.spawn(async move {
         let listener = match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => l,
@@ -95,7 +103,13 @@ pub struct ScrapeCollector {
     pub waiting_path: Option<PathBuf>,
 }
 
-fn encode_gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, unit: Option<&Unit>, v: f64) -> std::fmt::Result {
+fn encode_gauge(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    v: f64,
+) -> std::fmt::Result {
     let m = enc.encode_descriptor(name, help, unit, ConstGauge::new(v).metric_type())?;
     ConstGauge::new(v).encode(m)
 }
@@ -103,10 +117,19 @@ fn encode_gauge(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, unit: O
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
         if let Ok(meta) = std::fs::metadata(&self.db_path) {
-            encode_gauge(&mut enc, "spoolfs_db_size", "Size of the database file", Some(&Unit::Bytes), meta.len() as f64)?;
+            encode_gauge(
+                &mut enc,
+                "spoolfs_db_size",
+                "Size of the database file",
+                Some(&Unit::Bytes),
+                meta.len() as f64,
+            )?;
         }
         if let Some(path) = &self.waiting_path {
-            if let Some(v) = std::fs::read_to_string(path).ok().and_then(|s| s.trim().parse::<f64>().ok()) {
+            if let Some(v) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+            {
                 encode_gauge(
                     &mut enc,
                     "spoolfs_fuse_waiting_requests",
@@ -123,22 +146,57 @@ impl Collector for ScrapeCollector {
         if let Ok(stat) = me.stat() {
             let cpu = (stat.utime + stat.stime) as f64 / ticks;
             let c = ConstCounter::new(cpu);
-            let m = enc.encode_descriptor("process_cpu", "User and system CPU time", Some(&Unit::Seconds), c.metric_type())?;
+            let m = enc.encode_descriptor(
+                "process_cpu",
+                "User and system CPU time",
+                Some(&Unit::Seconds),
+                c.metric_type(),
+            )?;
             c.encode(m)?;
             let rss = stat.rss.saturating_mul(procfs::page_size()) as f64;
-            encode_gauge(&mut enc, "process_resident_memory", "Resident memory", Some(&Unit::Bytes), rss)?;
-            encode_gauge(&mut enc, "process_virtual_memory", "Virtual memory", Some(&Unit::Bytes), stat.vsize as f64)?;
+            encode_gauge(
+                &mut enc,
+                "process_resident_memory",
+                "Resident memory",
+                Some(&Unit::Bytes),
+                rss,
+            )?;
+            encode_gauge(
+                &mut enc,
+                "process_virtual_memory",
+                "Virtual memory",
+                Some(&Unit::Bytes),
+                stat.vsize as f64,
+            )?;
             if let Ok(boot) = procfs::boot_time_secs() {
                 let start = boot as f64 + stat.starttime as f64 / ticks;
-                encode_gauge(&mut enc, "process_start_time", "Start time since the epoch", Some(&Unit::Seconds), start)?;
+                encode_gauge(
+                    &mut enc,
+                    "process_start_time",
+                    "Start time since the epoch",
+                    Some(&Unit::Seconds),
+                    start,
+                )?;
             }
         }
         if let Ok(n) = me.fd_count() {
-            encode_gauge(&mut enc, "process_open_fds", "Open file descriptors", None, n as f64)?;
+            encode_gauge(
+                &mut enc,
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                n as f64,
+            )?;
         }
         if let Ok(limits) = me.limits() {
             if let procfs::process::LimitValue::Value(v) = limits.max_open_files.soft_limit {
-                encode_gauge(&mut enc, "process_max_fds", "Most file descriptors allowed", None, v as f64)?;
+                encode_gauge(
+                    &mut enc,
+                    "process_max_fds",
+                    "Most file descriptors allowed",
+                    None,
+                    v as f64,
+                )?;
             }
         }
         Ok(())

@@ -11,8 +11,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-
-
 #[derive(Parser, Debug)]
 #[command(
     name = "spoolfs",
@@ -43,7 +41,8 @@ enum Command {
         #[arg(short, long)]
         lazy: bool,
         mountpoint: PathBuf,
-    },    /// Ask the daemon serving MOUNTPOINT how it is. Exit 0 ready, 1 dead mount, 3 not running.
+    },
+    /// Ask the daemon serving MOUNTPOINT how it is. Exit 0 ready, 1 dead mount, 3 not running.
     Status { mountpoint: PathBuf },
 }
 
@@ -136,8 +135,21 @@ mod tests {
     #[test]
     fn mount_helper_conventions_become_mount_commands() {
         assert_eq!(
-            helper_args(args(&["/sbin/mount.fuse.spoolfs", "/data", "/mnt", "-o", "rw,nofail"])),
-            args(&["/sbin/mount.fuse.spoolfs", "mount", "-o", "rw,nofail", "/data", "/mnt"])
+            helper_args(args(&[
+                "/sbin/mount.fuse.spoolfs",
+                "/data",
+                "/mnt",
+                "-o",
+                "rw,nofail"
+            ])),
+            args(&[
+                "/sbin/mount.fuse.spoolfs",
+                "mount",
+                "-o",
+                "rw,nofail",
+                "/data",
+                "/mnt"
+            ])
         );
         assert_eq!(
             helper_args(args(&["spoolfs", "/data", "/mnt", "-o", "dev,suid"])),

@@ -334,8 +334,16 @@ fn data_written_by_an_open_file_survives_lazy_umount() {
     let data = Rng::new(77).bytes(3 * CHUNK + 5);
     let mut f = File::create(t.path("open_at_umount")).expect("create");
     f.write_all(&data[..2 * CHUNK]).expect("write");
+    let started = std::time::Instant::now();
     let out = spoolfs([std::ffi::OsStr::new("umount"), std::ffi::OsStr::new("--lazy"), t.mnt.as_os_str()]);
     assert!(out.status.success(), "umount --lazy: {}", describe(&out));
+    // The daemon cannot stop while the file is open: `umount --lazy` must not wait for it.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "umount --lazy of a busy mount took {:?}",
+        started.elapsed()
+    );
+    assert!(m.alive(), "the daemon must keep serving the open file of the detached mount");
     assert!(!is_mounted(&t.mnt));
     // The detached mount still works for the open file.
     f.write_all(&data[2 * CHUNK..]).expect("write after detach");

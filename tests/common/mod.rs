@@ -289,14 +289,20 @@ impl TestFs {
 
     /// `spoolfs mount [-o OPTS] DATA MNT` without asserting its outcome.
     pub fn try_mount(&self, opts: &[&str]) -> Output {
-        let mut args: Vec<&OsStr> = vec![OsStr::new("mount")];
+        spoolfs(self.mount_args(opts))
+    }
+
+    /// Arguments of `spoolfs mount` for this data dir and mountpoint. The metrics endpoint
+    /// is off: parallel test daemons would all want the same default port.
+    pub fn mount_args(&self, opts: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), OsStr::new("--metrics-addr"), OsStr::new("off")];
         for o in opts {
             args.push(OsStr::new("-o"));
             args.push(OsStr::new(o));
         }
         args.push(self.data.as_os_str());
         args.push(self.mnt.as_os_str());
-        spoolfs(args)
+        args.into_iter().map(OsStr::to_os_string).collect()
     }
 
     /// Mount in the background and return the guard; panics if it fails.

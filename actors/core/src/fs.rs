@@ -576,15 +576,41 @@ impl Fs {
             return Err(Errno::EBUSY);
         }
         let src = s.dentry(parent, name)?.ok_or(Errno::ENOENT)?;
+        if new_dir.nlink == 0 {
+            // The target directory was removed (it is still open somewhere): an entry added
+            // now could never be removed again, and would leak with the directory.
+            return Err(Errno::ENOENT);
+        }
         let dst = s.dentry(new_parent, new_name)?;
+        // Checks in Linux's order (do_renameat2, then vfs_rename): the flags, then the
+        // lock_rename traps (neither name may be an ancestor of the other's parent), then
+        // the kinds and emptiness of the two entries.
+        if flags.noreplace && dst.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        if flags.exchange && dst.is_none() {
+            return Err(Errno::ENOENT);
+        }
+        if parent != new_parent {
+            if src.kind == Kind::Dir && self.is_ancestor(s, src.ino, new_parent)? {
+                return Err(Errno::EINVAL);
+            }
+            if let Some(dst) = dst {
+                if dst.kind == Kind::Dir && self.is_ancestor(s, dst.ino, parent)? {
+                    // The target contains the source, so it is not empty.
+                    return Err(if flags.exchange {
+                        Errno::EINVAL
+                    } else {
+                        Errno::ENOTEMPTY
+                    });
+                }
+            }
+        }
         if flags.exchange {
             let dst = dst.ok_or(Errno::ENOENT)?;
             return self.exchange(s, ctx, (parent, name, src), (new_parent, new_name, dst));
         }
         if let Some(dst) = dst {
-            if flags.noreplace {
-                return Err(Errno::EEXIST);
-            }
             if dst.ino == src.ino {
                 // Two links to the same inode: POSIX says do nothing and succeed.
                 return Ok(());
@@ -600,13 +626,12 @@ impl Fs {
                 (false, false) => {}
             }
         }
-        if src.kind == Kind::Dir {
-            if self.is_ancestor(s, src.ino, new_parent)? {
-                return Err(Errno::EINVAL);
-            }
-            if parent != new_parent && dst.is_none() && new_dir.nlink >= self.limits.link_max {
-                return Err(Errno::EMLINK);
-            }
+        if src.kind == Kind::Dir
+            && parent != new_parent
+            && dst.is_none()
+            && new_dir.nlink >= self.limits.link_max
+        {
+            return Err(Errno::EMLINK);
         }
         // Checks done: apply.
         let mut moved = self.get(s, src.ino)?;

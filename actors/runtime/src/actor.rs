@@ -112,6 +112,9 @@ impl WeakActorHandle {
     }
 }
 
+/// Longest time a completed operation may stay non-durable when nobody asks for durability.
+const MAX_UNDURABLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A durable commit running on a blocking task, with the replies that wait for it.
 struct InFlight {
     replies: Vec<(Responder, Result<Reply, Errno>)>,
@@ -128,6 +131,8 @@ pub struct Actor {
     next_ino: u64,
     /// Some commit since the last durable one was not durable.
     undurable: bool,
+    /// When the oldest commit that is not yet durable was made.
+    undurable_since: Option<Instant>,
     requests: u64,
     commits: u64,
     durable_commits: u64,
@@ -198,6 +203,7 @@ impl Actor {
             fs,
             next_ino,
             undurable: false,
+            undurable_since: None,
             requests: 0,
             commits: 0,
             durable_commits: 0,
@@ -303,6 +309,7 @@ impl Actor {
             .map_err(|e| e.to_string())?;
         txn.commit().map_err(|e| e.to_string())?;
         self.undurable = false;
+        self.undurable_since = None;
         Ok(())
     }
 
@@ -313,6 +320,7 @@ impl Actor {
         match result {
             Ok(()) => {
                 self.undurable = false;
+                self.undurable_since = None;
                 self.durable_commits += 1;
                 for (reply, r) in flight.replies {
                     reply(r);
@@ -402,6 +410,15 @@ impl Actor {
             }
             return None;
         }
+        // Bound what a crash can lose (and how far redb's file grows, since pages freed by
+        // non-durable commits are reused only after a durable one): at most ~1 s of work.
+        if wrote
+            && self
+                .undurable_since
+                .is_some_and(|t| t.elapsed() > MAX_UNDURABLE)
+        {
+            barrier = true;
+        }
         if !(wrote || barrier && self.undurable) {
             // Nothing to store: answer at once.
             let _ = txn.abort();
@@ -439,6 +456,7 @@ impl Actor {
         match result {
             Ok(()) => {
                 self.undurable = true;
+                self.undurable_since.get_or_insert_with(Instant::now);
                 for (reply, r) in replies {
                     reply(r);
                 }
@@ -468,7 +486,10 @@ impl Actor {
         let done = done_tx.clone();
         self.runtime.spawn_blocking(move || {
             let started = Instant::now();
-            let r = txn.commit().map_err(|e| e.to_string());
+            // A panic inside redb must still answer the actor, which waits for this message.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.commit()))
+                .map_err(|_| "commit panicked".to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
             let r = (r, started.elapsed());
             // The actor always waits for this message while a commit is in flight.
             let _ = done.send(r);

@@ -74,7 +74,9 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let requests = Family::<OpLabel, Counter>::default();
         let durations =
-            Family::<OpLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+            Family::<OpLabel, Histogram>::new_with_constructor(
+                || Histogram::new(latency_buckets()),
+            );
         let per_op = OP_NAMES
             .iter()
             .map(|op| OpMetrics {
@@ -119,9 +121,21 @@ impl Metrics {
             Unit::Seconds,
             durations,
         );
-        r.register("requests_in_flight", "FUSE requests received and not yet answered", m.in_flight.clone());
-        r.register("actor_queue_depth", "Requests waiting in the actor's queue", m.queue_depth.clone());
-        r.register("actor_queue_capacity", "Capacity of the actor's queue", m.queue_capacity.clone());
+        r.register(
+            "requests_in_flight",
+            "FUSE requests received and not yet answered",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "actor_queue_depth",
+            "Requests waiting in the actor's queue",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "actor_queue_capacity",
+            "Capacity of the actor's queue",
+            m.queue_capacity.clone(),
+        );
         r.register_with_unit(
             "actor_queue_wait",
             "Time a request waited in the actor's queue",
@@ -135,8 +149,17 @@ impl Metrics {
             Unit::Seconds,
             m.commit_duration.clone(),
         );
-        r.register("commit_batch_size", "Requests applied per commit", m.batch_size.clone());
-        r.register_with_unit("memfd", "Bytes of file content staged in memfd buffers", Unit::Bytes, m.memfd_bytes.clone());
+        r.register(
+            "commit_batch_size",
+            "Requests applied per commit",
+            m.batch_size.clone(),
+        );
+        r.register_with_unit(
+            "memfd",
+            "Bytes of file content staged in memfd buffers",
+            Unit::Bytes,
+            m.memfd_bytes.clone(),
+        );
         r.register_with_unit(
             "memfd_dirty",
             "Bytes of staged content not yet persisted",
@@ -149,7 +172,11 @@ impl Metrics {
             Unit::Bytes,
             m.memfd_budget_bytes.clone(),
         );
-        r.register("open_handles", "Open file and directory handles", m.open_handles.clone());
+        r.register(
+            "open_handles",
+            "Open file and directory handles",
+            m.open_handles.clone(),
+        );
         r.register("inodes", "Inodes stored in the database", m.inodes.clone());
         // spoolfs_db_size_bytes and spoolfs_fuse_waiting_requests are read at scrape time by
         // the binary's collector.

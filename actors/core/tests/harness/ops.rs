@@ -55,7 +55,7 @@ pub enum Sel {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ref {
     At(Path),
-    Live(Sel, u16),
+    Live(Sel, u8),
     Handle(u8),
 }
 
@@ -63,7 +63,7 @@ pub enum Ref {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Loc {
     In(Ref, u8),
-    Entry(Sel, u16),
+    Entry(Sel, u8),
 }
 
 /// Access mode of an open: 0 = O_RDONLY, 1 = O_WRONLY, 2 = O_RDWR.
@@ -160,7 +160,7 @@ fn path(max_depth: usize) -> impl Strategy<Value = Path> {
 }
 
 fn live(sel: Sel) -> impl Strategy<Value = Ref> {
-    any::<u16>().prop_map(move |i| Ref::Live(sel, i))
+    any::<u8>().prop_map(move |i| Ref::Live(sel, i))
 }
 
 /// An inode mostly of kind `sel`; sometimes a random path or a handle's inode.
@@ -173,6 +173,15 @@ fn target(sel: Sel) -> impl Strategy<Value = Ref> {
     ]
 }
 
+/// An xattr target: mostly one of a few inodes, so that values set are read back.
+fn xattr_target() -> impl Strategy<Value = Ref> {
+    prop_oneof![
+        2 => Just(Ref::At(Path::of(&[]))),
+        3 => (0..3u8).prop_map(|i| Ref::Live(Sel::Any, i)),
+        2 => target(Sel::Any),
+    ]
+}
+
 /// A name in a directory, for creating entries: mostly in an existing directory.
 fn new_loc() -> impl Strategy<Value = Loc> {
     (target(Sel::Dir), 0..NAMES.len() as u8).prop_map(|(r, n)| Loc::In(r, n))
@@ -181,8 +190,8 @@ fn new_loc() -> impl Strategy<Value = Loc> {
 /// An entry to remove or rename: mostly an existing one of kind `sel`.
 fn old_loc(sel: Sel) -> impl Strategy<Value = Loc> {
     prop_oneof![
-        6 => any::<u16>().prop_map(move |i| Loc::Entry(sel, i)),
-        2 => any::<u16>().prop_map(|i| Loc::Entry(Sel::Any, i)),
+        6 => any::<u8>().prop_map(move |i| Loc::Entry(sel, i)),
+        2 => any::<u8>().prop_map(|i| Loc::Entry(Sel::Any, i)),
         2 => new_loc(),
     ]
 }
@@ -221,8 +230,8 @@ pub fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
         1 => path(3).prop_map(|path| Op::Lookup { path }),
         5 => (target(Sel::File), any::<u8>()).prop_map(|(target, acc)| Op::Open { target, acc }),
-        1 => target(Sel::Dir).prop_map(|target| Op::OpenDir { target }),
-        1 => h().prop_map(|h| Op::Readdir { h }),
+        2 => target(Sel::Dir).prop_map(|target| Op::OpenDir { target }),
+        2 => h().prop_map(|h| Op::Readdir { h }),
         12 => (h(), offset(), length(), any::<u8>())
             .prop_map(|(h, offset, len, seed)| Op::Write { h, offset, len, seed }),
         5 => (h(), offset(), length()).prop_map(|(h, offset, len)| Op::Read { h, offset, len }),
@@ -231,12 +240,12 @@ pub fn op() -> impl Strategy<Value = Op> {
         2 => (h(), offset()).prop_map(|(h, size)| Op::Ftruncate { h, size }),
         3 => (h(), offset(), 1..100_000u64, any::<u8>())
             .prop_map(|(h, offset, len, mode)| Op::Fallocate { h, offset, len, mode }),
-        2 => (target(Sel::Any), any::<u8>(), any::<u8>(), any::<u8>())
+        3 => (xattr_target(), any::<u8>(), any::<u8>(), any::<u8>())
             .prop_map(|(target, name, value, flags)| Op::SetXattr { target, name, value, flags }),
-        1 => (target(Sel::Any), any::<u8>())
+        2 => (xattr_target(), any::<u8>())
             .prop_map(|(target, name)| Op::GetXattr { target, name }),
-        1 => target(Sel::Any).prop_map(|target| Op::ListXattr { target }),
-        1 => (target(Sel::Any), any::<u8>())
+        1 => xattr_target().prop_map(|target| Op::ListXattr { target }),
+        1 => (xattr_target(), any::<u8>())
             .prop_map(|(target, name)| Op::RemoveXattr { target, name }),
         1 => target(Sel::NonDir).prop_map(|target| Op::Readlink { target }),
         3 => (h(), any::<bool>()).prop_map(|(pick, all)| Op::Forget { pick, all }),

@@ -1,0 +1,263 @@
+//! The core's random operation sequences (see `actors/core/tests/harness`) applied to
+//! `Fs` + `MemStore` and to `Fs` + the redb `Tables` in lockstep: every answer, the observable
+//! state after every operation, and every stored record (inodes with their times, entries,
+//! chunk bytes, xattrs, symlink targets, orphans) every few operations must be the same.
+//!
+//! The redb side commits every few operations (mostly with `Durability::None`, like the
+//! runtime's group commits) and `Op::Restart` commits, closes and reopens the database, so
+//! orphans and everything else must survive a restart.
+
+#[path = "../../core/tests/harness/mod.rs"]
+mod harness;
+
+use std::path::PathBuf;
+
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use redb::{Database, Durability, ReadableTable, WriteTransaction};
+use spoolfs_core::{Dentry, Ino, Kind, MemStore, Store};
+use spoolfs_store::{open_database, Tables};
+
+use harness::driver::Driver;
+use harness::ops::Loc::*;
+use harness::ops::Op::*;
+use harness::ops::Ref::*;
+use harness::ops::{ops, Op, Path};
+use harness::sut::{Backend, RawDump, Sut};
+
+/// A redb database in a temporary directory, with one write transaction always open.
+struct Redb {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    db: Option<Database>,
+    txn: Option<WriteTransaction>,
+    commits: usize,
+}
+
+impl Redb {
+    fn new() -> Redb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(spoolfs_store::DB_FILE);
+        let db = open_database(&path).expect("open database");
+        let txn = db.begin_write().expect("begin write");
+        Redb {
+            _dir: dir,
+            path,
+            db: Some(db),
+            txn: Some(txn),
+            commits: 0,
+        }
+    }
+
+    fn commit(&mut self, durability: Durability) {
+        let mut txn = self.txn.take().expect("open transaction");
+        txn.set_durability(durability).expect("set durability");
+        txn.commit().expect("commit");
+        self.commits += 1;
+        let db = self.db.as_ref().expect("database");
+        self.txn = Some(db.begin_write().expect("begin write"));
+    }
+}
+
+impl Backend for Redb {
+    type S<'a> = Tables<'a>;
+
+    fn with<R>(&mut self, f: impl for<'a> FnOnce(&mut Tables<'a>) -> R) -> R {
+        let txn = self.txn.as_ref().expect("open transaction");
+        let mut tables = Tables::open(txn).expect("open tables");
+        f(&mut tables)
+    }
+
+    fn dump(&mut self) -> RawDump {
+        self.with(|t| {
+            let mut d = RawDump::default();
+            let inos: Vec<u64> = t
+                .inodes
+                .iter()
+                .expect("inodes")
+                .map(|r| r.expect("inode").0.value())
+                .collect();
+            for ino in inos {
+                let inode = t.inode(Ino(ino)).expect("decode").expect("present");
+                d.inodes.insert(ino, inode);
+            }
+            for r in t.dentries.iter().expect("dentries") {
+                let (k, v) = r.expect("dentry");
+                let (parent, name) = k.value();
+                let (ino, kind) = v.value();
+                let kind = Kind::from_byte(kind).expect("kind byte");
+                d.dentries
+                    .insert((parent, name.to_vec()), Dentry { ino: Ino(ino), kind });
+            }
+            for r in t.symlinks.iter().expect("symlinks") {
+                let (k, v) = r.expect("symlink");
+                d.symlinks.insert(k.value(), v.value().to_vec());
+            }
+            for r in t.xattrs.iter().expect("xattrs") {
+                let (k, v) = r.expect("xattr");
+                let (ino, name) = k.value();
+                d.xattrs.insert((ino, name.to_vec()), v.value().to_vec());
+            }
+            for r in t.chunks.iter().expect("chunks") {
+                let (k, v) = r.expect("chunk");
+                d.chunks.insert(k.value(), v.value().to_vec());
+            }
+            for r in t.orphans.iter().expect("orphans") {
+                d.orphans.insert(r.expect("orphan").0.value());
+            }
+            d
+        })
+    }
+
+    fn op_done(&mut self, index: usize) {
+        if index % 7 == 6 {
+            // Mostly group-commit style non-durable commits; now and then a durable one.
+            let durability = if self.commits % 8 == 7 {
+                Durability::Immediate
+            } else {
+                Durability::None
+            };
+            self.commit(durability);
+        }
+    }
+
+    fn restart(&mut self) {
+        self.commit(Durability::Immediate);
+        self.txn = None;
+        self.db = None;
+        let db = open_database(&self.path).expect("reopen database");
+        self.txn = Some(db.begin_write().expect("begin write"));
+        self.db = Some(db);
+    }
+}
+
+const CASES: u32 = 12;
+const SEED: u64 = 0x5900_1f5;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn runner() -> TestRunner {
+    let config = Config {
+        cases: env_or("PROPTEST_CASES", CASES),
+        failure_persistence: None,
+        max_shrink_iters: 2_000,
+        ..Config::default()
+    };
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&env_or("SPOOLFS_MODEL_SEED", SEED).to_le_bytes());
+    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+}
+
+/// Apply `ops` to both stores; every 10 operations and at the end compare every record.
+fn check(ops: &[Op]) -> Result<usize, String> {
+    let mem = Sut::new(MemStore::default());
+    let redb = Sut::new(Redb::new());
+    let mut d = Driver::new(mem, redb);
+    let raw = |d: &mut Driver<Sut<MemStore>, Sut<Redb>>| -> Result<(), String> {
+        let a = d.a.backend.dump();
+        let b = d.b.backend.dump();
+        if a != b {
+            return Err(format!("stored records differ:\n{}", diff_raw(&a, &b)));
+        }
+        Ok(())
+    };
+    for (i, op) in ops.iter().enumerate() {
+        d.apply(op).map_err(|e| format!("op #{i} {op:?}:\n  {e}"))?;
+        if i % 10 == 9 {
+            raw(&mut d).map_err(|e| format!("after op #{i} {op:?}:\n  {e}"))?;
+        }
+    }
+    raw(&mut d)?;
+    d.finish().map_err(|e| format!("at the end: {e}"))?;
+    raw(&mut d)?;
+    // What was committed is what a restart finds.
+    d.a.backend.restart();
+    d.b.backend.restart();
+    raw(&mut d).map_err(|e| format!("after reopening: {e}"))?;
+    Ok(d.applied)
+}
+
+fn diff_raw(a: &RawDump, b: &RawDump) -> String {
+    fn keys<K: Ord + Clone + std::fmt::Debug, V: PartialEq>(
+        out: &mut String,
+        what: &str,
+        a: &std::collections::BTreeMap<K, V>,
+        b: &std::collections::BTreeMap<K, V>,
+    ) {
+        for (k, va) in a {
+            if b.get(k) != Some(va) {
+                out.push_str(&format!("  {what} {k:?} differs or only in memory\n"));
+            }
+        }
+        for k in b.keys() {
+            if !a.contains_key(k) {
+                out.push_str(&format!("  {what} {k:?} only in redb\n"));
+            }
+        }
+    }
+    let mut out = String::new();
+    for (ino, ia) in &a.inodes {
+        match b.inodes.get(ino) {
+            Some(ib) if ib == ia => {}
+            other => out.push_str(&format!("  inode {ino}: {ia:?}\n    vs {other:?}\n")),
+        }
+    }
+    keys(&mut out, "inode", &a.inodes, &b.inodes);
+    keys(&mut out, "dentry", &a.dentries, &b.dentries);
+    keys(&mut out, "symlink", &a.symlinks, &b.symlinks);
+    keys(&mut out, "xattr", &a.xattrs, &b.xattrs);
+    keys(&mut out, "chunk", &a.chunks, &b.chunks);
+    if a.orphans != b.orphans {
+        out.push_str(&format!("  orphans {:?} vs {:?}\n", a.orphans, b.orphans));
+    }
+    out
+}
+
+#[test]
+fn redb_store_matches_mem_store() {
+    let total = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner().run(&ops(1..=400), |ops| {
+        let n = check(&ops).map_err(TestCaseError::fail)?;
+        total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    eprintln!(
+        "redb model test: {} operations",
+        total.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+fn replay(ops: &[Op]) {
+    if let Err(e) = check(ops) {
+        panic!("{e}");
+    }
+}
+
+/// Orphans (unlinked while open) and their content survive a restart of the database until
+/// `reclaim_orphans` frees them, in both stores alike.
+#[test]
+fn orphans_survive_reopen_then_are_reclaimed() {
+    let root = || At(Path::of(&[]));
+    replay(&[
+        Mkdir { at: In(root(), 0), mode: 0 },
+        Create { at: In(At(Path::of(&[0])), 1), mode: 0, acc: 2 },
+        Write { h: 0, offset: 65_000, len: 70_000, seed: 9 },
+        SetXattr { target: Handle(0), name: 0, value: 5, flags: 0 },
+        OpenDir { target: At(Path::of(&[0])) },
+        Unlink { at: In(At(Path::of(&[0])), 1) },
+        Rmdir { at: In(root(), 0) },
+        ForgetAll,
+        Read { h: 0, offset: 64_000, len: 5_000 },
+        Restart,
+        Create { at: In(root(), 2), mode: 1, acc: 1 },
+        Fallocate { h: 0, offset: 10, len: 200_000, mode: 0 },
+        Fallocate { h: 0, offset: 70_000, len: 1_000, mode: 2 },
+    ]);
+}
