@@ -280,7 +280,8 @@ class Bench:
             try:
                 self.spoolfs.check()
             except fstargets.SpoolfsCrashed as e:
-                value = f"{value} -- spoolfs daemon {e}; log: {self.spoolfs.stderr_tail(15)!r}"
+                value = (f"{value} -- spoolfs daemon {e}; its log: "
+                         f"{os.path.basename(self.spoolfs.stderr_path)}")
             if status == "hang":
                 value += (" -- spoolfs stopped answering; diagnostics in "
                           f"spoolfs-hang-{workload}.txt")

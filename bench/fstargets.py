@@ -11,6 +11,7 @@ whatever happened.
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import time
@@ -125,6 +126,9 @@ def proc_status_kib(pid, key):
     return None
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # in case the daemon colours its log anyway
+
+
 class SpoolfsCrashed(Exception):
     pass
 
@@ -163,7 +167,7 @@ class Spoolfs:
         self.failed = None
         self.data_dir = os.path.join(self.work, "spoolfs-data", workload)
         self.stderr_path = os.path.join(self.out_dir, f"spoolfs-{workload}.stderr.log")
-        env = dict(os.environ, RUST_BACKTRACE="1")
+        env = dict(os.environ, RUST_BACKTRACE="1", NO_COLOR="1")
         cmd = [self.binary, "mount", "-f", *self.extra_args, self.data_dir, self.mnt]
         self.cmd = cmd
         with open(self.stderr_path, "wb") as err:
@@ -211,7 +215,7 @@ class Spoolfs:
     def stderr_tail(self, lines=40):
         try:
             with open(self.stderr_path, errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
+                return "".join(ANSI.sub("", x) for x in f.readlines()[-lines:])
         except OSError:
             return ""
 
@@ -221,6 +225,7 @@ class Spoolfs:
         try:
             with open(self.stderr_path, errors="replace") as f:
                 for line in f:
+                    line = ANSI.sub("", line)
                     if any(w in line for w in (" WARN ", " ERROR ", "panicked", "thread '")):
                         keep.append(line.rstrip("\n"))
         except OSError:
@@ -273,7 +278,11 @@ class Spoolfs:
         except OSError:
             pass
         entry = [m for m in mountinfo() if m[0] == self.mnt]
-        if entry and self.alive():
+        hung = self.failed and "hung" in self.failed
+        if hung and self.alive():
+            # Already diagnosed when the request hung: do not wait for it again.
+            self.proc.kill()
+        elif entry and self.alive():
             t0 = time.monotonic()
             try:
                 p = subprocess.run([self.binary, "umount", self.mnt], capture_output=True,
@@ -297,7 +306,7 @@ class Spoolfs:
             self.proc.kill()
             self.proc.wait()
         rec["exit"] = self.exit_description()
-        if self.proc.returncode not in (0,) and not any("exited" in p for p in rec["problems"]):
+        if self.proc.returncode != 0 and not hung and not any("exited" in p for p in rec["problems"]):
             rec["problems"].append(f"daemon {rec['exit']}")
         rec["log_notable"] = self.notable_log_lines()
         self.proc = None
@@ -305,7 +314,7 @@ class Spoolfs:
 
     def kill_hung(self):
         """After a measurement hung: record where, then tear down so the run can go on."""
-        self.failed = self.failed or "a request hung"
+        self.failed = self.failed or "hung: a request got no answer"
         path = self.diagnose_hang(self.workload)
         for mp, _, _, dev in [m for m in mountinfo() if m[0] == self.mnt]:
             abort_fuse_connection(dev, self.log)

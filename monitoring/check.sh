@@ -72,8 +72,9 @@ trap 'rm -rf "$tmp"' EXIT
 step "dashboard structure, expressions, metric names"
 # Prints 'ok: ...' / 'FAILED: ...' lines; writes the expressions, the metric names, and a
 # rules file holding each dashboard expression as a recording rule (for promtool to parse).
-if "$PY" - monitoring/alerts.yml monitoring/grafana/spoolfs.json "$out" \
-    "$(dirname "$out")/metrics.txt" "$tmp/dashboard_rules.yml" <<'EOF' | tee "$tmp/py.log"
+pyrc=0
+"$PY" - monitoring/alerts.yml monitoring/grafana/spoolfs.json "$out" \
+    "$(dirname "$out")/metrics.txt" "$tmp/dashboard_rules.yml" >"$tmp/py.log" 2>&1 <<'EOF' || pyrc=$?
 import json, re, sys
 import yaml
 
@@ -201,11 +202,12 @@ unused = sorted((COUNTERS | GAUGES | HISTOGRAMS) - bases)
 print("exported but not used by any expression: " + (", ".join(unused) if unused else "none"))
 sys.exit(1 if failures else 0)
 EOF
-then
-    :
-fi
+cat "$tmp/py.log"
 passed=$((passed + $(grep -c '^ok: ' "$tmp/py.log" || true)))
 failed=$((failed + $(grep -c '^FAILED: ' "$tmp/py.log" || true)))
+if [ "$pyrc" -ne 0 ] && ! grep -q '^FAILED: ' "$tmp/py.log"; then
+    bad "dashboard/expression checker exited $pyrc"
+fi
 
 step "promtool check rules (dashboard expressions as recording rules)"
 if [ -s "$tmp/dashboard_rules.yml" ] && promtool check rules "$tmp/dashboard_rules.yml"; then

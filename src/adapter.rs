@@ -15,7 +15,7 @@ use fuser::{
 use spoolfs_core::{Errno, Fh, Ino, Inode, Kind, SetAttr, SetTime, Timestamp};
 use std::sync::Arc;
 
-use spoolfs_runtime::metrics::{set, Metrics};
+use spoolfs_runtime::metrics::Metrics;
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
 use tracing::warn;
 
@@ -47,7 +47,6 @@ impl Adapter {
         let name = op.name();
         let metrics = self.metrics.clone();
         metrics.in_flight.inc();
-        set(&metrics.queue_depth, self.actor.queue_depth() as u64);
         let received = Instant::now();
         let reply = move |r: Result<Reply, Errno>| {
             metrics.in_flight.dec();

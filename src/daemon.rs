@@ -136,6 +136,7 @@ fn run(
     let (actor, actor_thread) = Actor::start(config, runtime.handle().clone(), metrics.clone())
         .map_err(|e| fail(format!("{e}")))?;
     let readiness = Arc::new(Readiness::default());
+    let weak_actor = actor.downgrade();
     control::spawn(
         &runtime,
         data_dir,
@@ -179,16 +180,19 @@ fn run(
     registry.register_collector(Box::new(ScrapeCollector {
         db_path: data_dir.join(spoolfs_store::DB_FILE),
         waiting_path: fusectl_waiting_path(mnt),
+        actor: weak_actor,
     }));
     if let Some(addr) = metrics_addr(&args.metrics_addr)? {
         http::spawn(&runtime, addr, Arc::new(registry), readiness.clone());
     }
+    // Handle SIGTERM before anyone can learn the mount is ready (a stop right after start
+    // must still unmount cleanly).
+    spawn_signal_handler(&runtime, mnt.to_path_buf(), readiness.clone());
     if is_child {
         announce_ready();
     }
     // systemd Type=notify: ready only now that the mount is live.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-    spawn_signal_handler(&runtime, mnt.to_path_buf(), readiness.clone());
 
     if let Err(e) = session.run() {
         error!(error = %e, "FUSE session ended with an error");
@@ -253,7 +257,8 @@ fn spawn_signal_handler(
 }
 
 pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
-    let abs = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    // Lexical, no stat(): a wedged mount must not hang the command meant to clear it.
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let entry = mount::mount_at(&abs);
     if entry.is_none() {
         return Err(fail(format!("{}: not mounted", abs.display())));
@@ -305,7 +310,8 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
 
 /// `spoolfs status`: LSB exit codes (0 running and ready, 1 dead, 3 not running).
 pub fn status(mountpoint: &Path) -> Result<(), Failure> {
-    let abs = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    // Lexical, no stat(): a wedged mount must not hang the command meant to clear it.
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let Some(entry) = mount::mount_at(&abs).filter(|e| e.fs_type == "fuse.spoolfs") else {
         return Err(Failure::new(
             3,

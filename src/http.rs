@@ -101,6 +101,7 @@ pub struct ScrapeCollector {
     pub db_path: PathBuf,
     /// `/sys/fs/fuse/connections/N/waiting` of this mount, once known.
     pub waiting_path: Option<PathBuf>,
+    pub actor: spoolfs_runtime::WeakActorHandle,
 }
 
 fn encode_gauge(
@@ -116,6 +117,13 @@ fn encode_gauge(
 
 impl Collector for ScrapeCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> std::fmt::Result {
+        encode_gauge(
+            &mut enc,
+            "spoolfs_actor_queue_depth",
+            "Requests waiting in the actor's queue",
+            None,
+            self.actor.queue_depth() as f64,
+        )?;
         if let Ok(meta) = std::fs::metadata(&self.db_path) {
             encode_gauge(
                 &mut enc,

@@ -17,7 +17,12 @@ use common::*;
 fn own_file_writer(mnt: &Path, thread: u64, barrier: &Barrier) -> Vec<u8> {
     let mut rng = Rng::new(0xA11CE + thread);
     let p = mnt.join(format!("own-{thread}"));
-    let mut f = OpenOptions::new().create_new(true).read(true).write(true).open(&p).expect("create");
+    let mut f = OpenOptions::new()
+        .create_new(true)
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("create");
     let mut expected = Vec::new();
     barrier.wait();
     for _ in 0..100 {
@@ -46,8 +51,19 @@ fn own_file_writer(mnt: &Path, thread: u64, barrier: &Barrier) -> Vec<u8> {
 
 #[test]
 fn concurrent_writers_to_different_files() {
+    writers_to_different_files(&[]);
+}
+
+/// The same with staging buffers far smaller than the files: writes keep evicting each
+/// other's memfds into the database.
+#[test]
+fn concurrent_writers_with_a_tiny_memfd_budget() {
+    writers_to_different_files(&["--memfd-budget", "262144"]);
+}
+
+fn writers_to_different_files(extra: &[&str]) {
     let Some(t) = TestFs::new() else { return };
-    let m = t.mount();
+    let m = t.mount_full(&[], extra);
     let threads = 8;
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads as u64)
@@ -56,7 +72,10 @@ fn concurrent_writers_to_different_files() {
             std::thread::spawn(move || own_file_writer(&mnt, i, &barrier))
         })
         .collect();
-    let expected: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().expect("writer")).collect();
+    let expected: Vec<Vec<u8>> = handles
+        .into_iter()
+        .map(|h| h.join().expect("writer"))
+        .collect();
     let check = |when: &str| {
         for (i, e) in expected.iter().enumerate() {
             let got = read_all(&t.path(&format!("own-{i}"))).expect("read");
@@ -66,7 +85,7 @@ fn concurrent_writers_to_different_files() {
     check("before restart");
     m.assert_healthy();
     m.umount();
-    let m = t.mount();
+    let m = t.mount_full(&[], extra);
     check("after restart");
     m.umount();
 }
@@ -94,7 +113,10 @@ fn concurrent_appends_to_one_file() {
         .map(|th| {
             let (p, barrier) = (p.clone(), barrier.clone());
             std::thread::spawn(move || {
-                let mut f = OpenOptions::new().append(true).open(&p).expect("open O_APPEND");
+                let mut f = OpenOptions::new()
+                    .append(true)
+                    .open(&p)
+                    .expect("open O_APPEND");
                 barrier.wait();
                 for seq in 0..per_thread {
                     // One write(2) per record: O_APPEND makes each land whole at the end.
@@ -113,7 +135,11 @@ fn concurrent_appends_to_one_file() {
     }
     let check = |when: &str| {
         let got = read_all(&p).expect("read");
-        assert_eq!(got.len(), threads * per_thread * RECORD, "{when}: appended size");
+        assert_eq!(
+            got.len(),
+            threads * per_thread * RECORD,
+            "{when}: appended size"
+        );
         let mut next_seq: HashMap<usize, usize> = HashMap::new();
         for (i, rec) in got.chunks(RECORD).enumerate() {
             let text = std::str::from_utf8(&rec[..25]).unwrap_or("<not utf-8>");
@@ -130,7 +156,11 @@ fn concurrent_appends_to_one_file() {
             *seq += 1;
         }
         for th in 0..threads {
-            assert_eq!(next_seq.get(&th), Some(&per_thread), "{when}: records of thread {th}");
+            assert_eq!(
+                next_seq.get(&th),
+                Some(&per_thread),
+                "{when}: records of thread {th}"
+            );
         }
     };
     check("before restart");
@@ -178,12 +208,19 @@ fn concurrent_creates_renames_and_unlinks_in_one_directory() {
                 .collect();
             names.sort();
             let mut want: Vec<String> = (0..threads)
-                .flat_map(|th| (0..per_thread).filter(|i| i % 3 == keep).map(move |i| format!("t{th}-{i:04}")))
+                .flat_map(|th| {
+                    (0..per_thread)
+                        .filter(|i| i % 3 == keep)
+                        .map(move |i| format!("t{th}-{i:04}"))
+                })
                 .collect();
             want.sort();
             assert_eq!(names, want, "{when}: entries of {dir}/");
             for n in &names {
-                assert_eq!(fs::read(t.path(&format!("{dir}/{n}"))).expect("read"), n.as_bytes());
+                assert_eq!(
+                    fs::read(t.path(&format!("{dir}/{n}"))).expect("read"),
+                    n.as_bytes()
+                );
             }
         }
     };

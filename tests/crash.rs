@@ -57,7 +57,10 @@ fn enqueue(mnt: &Path, mode: Mode, msg: &Message, ledger: &Ledger) -> std::io::R
         Mode::Spool => (mnt.join("tmp").join(&msg.name), mnt.join("queue")),
         Mode::CloseOnly => (mnt.join("closed").join(&msg.name), mnt.join("closed")),
     };
-    let mut f = OpenOptions::new().write(true).create_new(true).open(&first)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&first)?;
     for piece in data.chunks(WRITE_SIZE) {
         f.write_all(piece)?;
     }
@@ -79,7 +82,14 @@ fn enqueue(mnt: &Path, mode: Mode, msg: &Message, ledger: &Ledger) -> std::io::R
     Ok(())
 }
 
-fn writer(mnt: PathBuf, mode: Mode, round: u64, thread: u64, ledger: Arc<Ledger>, stop: Arc<AtomicBool>) {
+fn writer(
+    mnt: PathBuf,
+    mode: Mode,
+    round: u64,
+    thread: u64,
+    ledger: Arc<Ledger>,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = Rng::new(round << 16 | thread);
     let mut i = 0u64;
     while !stop.load(Ordering::SeqCst) {
@@ -152,15 +162,26 @@ fn verify(mnt: &Path, mode: Mode, ledger: &Ledger, round: u64) {
 
 fn no_errors_logged(t: &TestFs) {
     let log = t.log();
-    let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
-    assert!(errors.is_empty(), "the daemon logged errors: {errors:#?}");
+    let lines: Vec<&str> = log.lines().collect();
+    // Each error with the lines before it, for context.
+    let errors: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.contains(" ERROR "))
+        .map(|(i, _)| lines[i.saturating_sub(4)..=i].join("\n"))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the daemon logged errors:\n{}",
+        errors.join("\n---\n")
+    );
 }
 
-fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64) {
+fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[&str]) {
     let Some(t) = TestFs::new() else { return };
     let ledger = Arc::new(Ledger::default());
     {
-        let m = t.mount();
+        let m = t.mount_full(&[], extra);
         for d in ["tmp", "queue", "closed"] {
             fs::create_dir(t.path(d)).expect("mkdir");
         }
@@ -169,7 +190,7 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64) {
     }
     let mut schedule = Rng::new(base_seed);
     for round in 0..rounds {
-        let m = t.mount();
+        let m = t.mount_full(&[], extra);
         let acked_before = ledger.acked_count.load(Ordering::SeqCst);
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..threads)
@@ -189,15 +210,22 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64) {
         for w in workers {
             w.join().expect("writer thread");
         }
-        assert!(some, "round {round}: no message was acknowledged within 10 s");
+        assert!(
+            some,
+            "round {round}: no message was acknowledged within 10 s"
+        );
         let acked_round = ledger.acked_count.load(Ordering::SeqCst) - acked_before;
         // The mount is dead: anything on it fails with ENOTCONN until it is cleared.
         let err = fs::metadata(&t.mnt).expect_err("stat of a dead mount");
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "dead mount: {err}");
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::ENOTCONN),
+            "dead mount: {err}"
+        );
         m.detach();
 
         let started = Instant::now();
-        let m = t.mount();
+        let m = t.mount_full(&[], extra);
         verify(&t.mnt, mode, &ledger, round);
         eprintln!(
             "round {round} ({mode:?}): killed after {delay:?}, {acked_round} acknowledged this round, \
@@ -213,18 +241,144 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64) {
         m.umount();
     }
     // A clean restart at the end keeps everything too.
-    let m = t.mount();
+    let m = t.mount_full(&[], extra);
     verify(&t.mnt, mode, &ledger, rounds);
     no_errors_logged(&t);
     m.umount();
 }
 
+/// Rounds of a crash test: `SPOOLFS_CRASH_ROUNDS` overrides the default (for soak runs).
+fn rounds(default: u64) -> u64 {
+    std::env::var("SPOOLFS_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 #[test]
 fn kill9_during_spool_enqueues_loses_no_acknowledged_message() {
-    crash_rounds(Mode::Spool, 6, 4, 0xC0FFEE);
+    crash_rounds(Mode::Spool, rounds(10), 4, 0xC0FFEE, &[]);
 }
 
 #[test]
 fn kill9_after_close_without_fsync_loses_no_closed_file() {
-    crash_rounds(Mode::CloseOnly, 4, 4, 0xD15EA5E);
+    crash_rounds(Mode::CloseOnly, rounds(6), 4, 0xD15EA5E, &[]);
+}
+
+/// Staging buffers smaller than what the writers hold open: writes evict memfds into
+/// non-durable commits all the time; acknowledged messages must still all be there.
+#[test]
+fn kill9_with_a_tiny_memfd_budget_loses_no_acknowledged_message() {
+    crash_rounds(
+        Mode::Spool,
+        rounds(4),
+        6,
+        0xB0D6E7,
+        &["--memfd-budget", "131072"],
+    );
+    crash_rounds(
+        Mode::CloseOnly,
+        rounds(3),
+        6,
+        0xB0D6E8,
+        &["--memfd-budget", "131072"],
+    );
+}
+
+/// Atomic replacement (write tmp, fsync, rename over, fsync dir), the way a mail server
+/// updates an index or a state file: after kill -9 the file holds one complete version,
+/// at least the last acknowledged one.
+#[test]
+fn kill9_during_atomic_replaces_keeps_a_complete_recent_version() {
+    let Some(t) = TestFs::new() else { return };
+    let threads = 3u64;
+    {
+        let m = t.mount();
+        fs::create_dir(t.path("state")).expect("mkdir");
+        fsync_dir(&t.mnt).expect("fsync root");
+        m.umount();
+    }
+    let content = |th: u64, version: u64| {
+        let len = (Rng::new(th << 32 | version).range(1, 3 * 64 * 1024)) as usize;
+        let mut v = format!("thread {th} version {version}\n").into_bytes();
+        v.extend(seeded_bytes(th << 32 | version, len));
+        v
+    };
+    let mut schedule = Rng::new(0xA70);
+    let mut last_acked = vec![0u64; threads as usize];
+    for round in 0..rounds(6) {
+        let m = t.mount();
+        let acked: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..threads).map(|_| AtomicUsize::new(0)).collect());
+        let workers: Vec<_> = (0..threads)
+            .map(|th| {
+                let (mnt, acked) = (t.mnt.clone(), acked.clone());
+                let start = last_acked[th as usize] + 1;
+                std::thread::spawn(move || {
+                    let dir = mnt.join("state");
+                    for version in start.. {
+                        let tmp = dir.join(format!(".tmp-{th}-{version}"));
+                        let r = (|| -> std::io::Result<()> {
+                            let mut f =
+                                OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+                            f.write_all(&content(th, version))?;
+                            f.sync_all()?;
+                            close_checked(f)?;
+                            fs::rename(&tmp, dir.join(format!("current-{th}")))?;
+                            fsync_dir(&dir)
+                        })();
+                        if r.is_err() {
+                            return;
+                        }
+                        acked[th as usize].store(version as usize, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        let progressed = wait_until(Duration::from_secs(10), || {
+            (0..threads as usize).all(|i| acked[i].load(Ordering::SeqCst) as u64 > last_acked[i])
+        });
+        std::thread::sleep(Duration::from_millis(schedule.range(0, 250)));
+        m.kill9();
+        for w in workers {
+            w.join().expect("writer");
+        }
+        assert!(
+            progressed,
+            "round {round}: a writer made no progress within 10 s"
+        );
+        m.detach();
+        let m = t.mount();
+        for th in 0..threads {
+            let acked_version = acked[th as usize].load(Ordering::SeqCst) as u64;
+            let got = read_all(&t.path(&format!("state/current-{th}"))).expect("read current");
+            let header = String::from_utf8_lossy(&got[..got.len().min(40)]).into_owned();
+            let version: u64 = header
+                .strip_prefix(&format!("thread {th} version "))
+                .and_then(|r| r.split('\n').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("round {round}: current-{th} is garbled: {header:?}"));
+            assert!(
+                version >= acked_version,
+                "round {round}: current-{th} went back to version {version}, {acked_version} was acknowledged"
+            );
+            assert_bytes_eq(
+                &got,
+                &content(th, version),
+                &format!("round {round}: current-{th} v{version}"),
+            );
+            last_acked[th as usize] = version;
+        }
+        // Interrupted replacements leave temporary files; remove them.
+        for e in fs::read_dir(t.path("state")).expect("ls") {
+            let p = e.expect("entry").path();
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".tmp-"))
+            {
+                fs::remove_file(p).expect("remove tmp");
+            }
+        }
+        m.umount();
+    }
+    no_errors_logged(&t);
 }

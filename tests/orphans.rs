@@ -20,7 +20,11 @@ fn unlinked_open_file_keeps_working_until_closed() {
     let p = t.path("doomed");
     let mut expected = rng.bytes(3 * CHUNK + 11);
     fs::write(&p, &expected).expect("write");
-    let mut f = OpenOptions::new().read(true).write(true).open(&p).expect("open");
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("open");
     // A second, read-only descriptor and a hard link that outlives the unlink.
     let r = File::open(&p).expect("open read-only");
     fs::hard_link(&p, t.path("survivor")).expect("link");
@@ -32,7 +36,10 @@ fn unlinked_open_file_keeps_working_until_closed() {
         errno_of(fs::metadata(&p), "stat of the unlinked name"),
         libc::ENOENT
     );
-    assert!(fs::read_dir(&t.mnt).expect("ls").next().is_none(), "the root must be empty");
+    assert!(
+        fs::read_dir(&t.mnt).expect("ls").next().is_none(),
+        "the root must be empty"
+    );
     let meta = f.metadata().expect("fstat of the orphan");
     assert_eq!(meta.nlink(), 0, "nlink of an unlinked open file");
     assert_eq!(meta.ino(), ino);
@@ -43,7 +50,8 @@ fn unlinked_open_file_keeps_working_until_closed() {
     f.read_to_end(&mut got).expect("read orphan");
     assert_bytes_eq(&got, &expected, "orphan content after unlink");
     let patch = rng.bytes(CHUNK + 3);
-    f.write_all_at(&patch, (CHUNK - 1) as u64).expect("pwrite orphan");
+    f.write_all_at(&patch, (CHUNK - 1) as u64)
+        .expect("pwrite orphan");
     expected[CHUNK - 1..2 * CHUNK + 2].copy_from_slice(&patch);
     let tail = rng.bytes(5000);
     f.seek(SeekFrom::End(0)).expect("seek");
@@ -51,8 +59,13 @@ fn unlinked_open_file_keeps_working_until_closed() {
     expected.extend_from_slice(&tail);
     f.sync_all().expect("fsync orphan");
     let mut got = vec![0u8; expected.len()];
-    r.read_exact_at(&mut got, 0).expect("read through the other descriptor");
-    assert_bytes_eq(&got, &expected, "orphan seen through the read-only descriptor");
+    r.read_exact_at(&mut got, 0)
+        .expect("read through the other descriptor");
+    assert_bytes_eq(
+        &got,
+        &expected,
+        "orphan seen through the read-only descriptor",
+    );
     f.set_len(CHUNK as u64 + 7).expect("ftruncate orphan");
     expected.truncate(CHUNK + 7);
     assert_eq!(r.metadata().expect("fstat").len(), expected.len() as u64);
@@ -61,7 +74,8 @@ fn unlinked_open_file_keeps_working_until_closed() {
     assert_bytes_eq(&got, &expected, "orphan after ftruncate");
     close_checked(f).expect("close writer");
     let mut got = vec![0u8; expected.len()];
-    r.read_exact_at(&mut got, 0).expect("read after the writer closed");
+    r.read_exact_at(&mut got, 0)
+        .expect("read after the writer closed");
     assert_bytes_eq(&got, &expected, "orphan after the writer's close");
     close_checked(r).expect("close reader");
 
@@ -76,7 +90,11 @@ fn unlinked_open_file_keeps_working_until_closed() {
         .expect("ls")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(names, ["after"], "only the linked file survives the restart");
+    assert_eq!(
+        names,
+        ["after"],
+        "only the linked file survives the restart"
+    );
     assert_eq!(fs::read(t.path("after")).expect("read"), b"fine");
     m.umount();
 }
@@ -122,7 +140,9 @@ fn kill9_with_unlinked_open_files_reclaims_them_on_restart() {
 
     let m = t.mount();
     assert!(
-        wait_until(Duration::from_secs(5), || t.log().contains("reclaimed orphaned inodes")),
+        wait_until(Duration::from_secs(5), || t
+            .log()
+            .contains("reclaimed orphaned inodes")),
         "the log does not report reclaimed orphans:\n{}",
         t.log()
     );
@@ -133,7 +153,10 @@ fn kill9_with_unlinked_open_files_reclaims_them_on_restart() {
         .collect();
     assert_eq!(names, ["keep"]);
     assert_bytes_eq(&fs::read(t.path("d/keep")).expect("read"), &keep, "d/keep");
-    assert_eq!(errno_of(fs::metadata(t.path("gone_dir")), "stat"), libc::ENOENT);
+    assert_eq!(
+        errno_of(fs::metadata(t.path("gone_dir")), "stat"),
+        libc::ENOENT
+    );
     // The filesystem is fully usable.
     fs::write(t.path("d/new"), b"after restart").expect("create");
     fs::remove_file(t.path("d/keep")).expect("unlink");
@@ -144,7 +167,10 @@ fn kill9_with_unlinked_open_files_reclaims_them_on_restart() {
     // Reclaimed once: a clean restart finds nothing left to reclaim.
     let before = t.log().matches("reclaimed orphaned inodes").count();
     let m = t.mount();
-    assert!(fs::read_dir(&t.mnt).expect("ls").next().is_none(), "root must be empty");
+    assert!(
+        fs::read_dir(&t.mnt).expect("ls").next().is_none(),
+        "root must be empty"
+    );
     m.umount();
     assert_eq!(
         t.log().matches("reclaimed orphaned inodes").count(),

@@ -148,8 +148,12 @@ fn populate(mnt: &Path) -> Expected {
     {
         let rel = "a/b/f_200000";
         let patch = rng.bytes(5000);
-        let f = OpenOptions::new().write(true).open(mnt.join(rel)).expect("open");
-        f.write_all_at(&patch, (CHUNK - 2000) as u64).expect("pwrite");
+        let f = OpenOptions::new()
+            .write(true)
+            .open(mnt.join(rel))
+            .expect("open");
+        f.write_all_at(&patch, (CHUNK - 2000) as u64)
+            .expect("pwrite");
         close_checked(f).expect("close");
         let e = expected.get_mut(rel).expect("known file");
         e[CHUNK - 2000..CHUNK + 3000].copy_from_slice(&patch);
@@ -166,7 +170,12 @@ fn populate(mnt: &Path) -> Expected {
             .write(true)
             .open(mnt.join(rel))
             .expect("create sparse");
-        for (off, len) in [(0usize, 10usize), (CHUNK - 5, 10), (5 << 20, 100), (7 << 20, CHUNK + 1)] {
+        for (off, len) in [
+            (0usize, 10usize),
+            (CHUNK - 5, 10),
+            (5 << 20, 100),
+            (7 << 20, CHUNK + 1),
+        ] {
             let d = rng.bytes(len);
             f.write_all_at(&d, off as u64).expect("pwrite");
             e[off..off + len].copy_from_slice(&d);
@@ -189,6 +198,35 @@ fn populate(mnt: &Path) -> Expected {
         f.set_len(3 * CHUNK as u64).expect("grow");
         close_checked(f).expect("close");
         d[CHUNK + 100..].fill(0);
+        expected.insert(rel, d);
+    }
+
+    // Rewritten with O_TRUNC by a shorter content (the old tail must not come back).
+    {
+        let rel = "rewritten";
+        write_file(mnt, rel, &rng.bytes(2 * CHUNK + 9), &mut rng);
+        let d = rng.bytes(CHUNK / 2);
+        write_file(mnt, rel, &d, &mut rng);
+        expected.insert(rel, d);
+    }
+
+    // Written through a shared writable mapping, then msync + close.
+    {
+        let rel = "mmapped";
+        let len = 2 * CHUNK + 300;
+        let mut d = rng.bytes(len);
+        let f = OpenOptions::new()
+            .create_new(true)
+            .read(true)
+            .write(true)
+            .open(mnt.join(rel))
+            .expect("create");
+        f.write_all_at(&d, 0).expect("write");
+        let patch = rng.bytes(9000);
+        let at = CHUNK - 4000;
+        mmap_write(&f, len, at, &patch);
+        d[at..at + patch.len()].copy_from_slice(&patch);
+        close_checked(f).expect("close");
         expected.insert(rel, d);
     }
 
@@ -216,7 +254,13 @@ fn populate(mnt: &Path) -> Expected {
     mkfifo(&mnt.join("fifo"), 0o640).expect("mkfifo");
 
     // xattrs on files and directories, including an empty and a 64 KiB value.
-    setxattr(&mnt.join("f_1"), b"user.mail.flags", b"\\Seen \\Answered", 0).expect("setxattr");
+    setxattr(
+        &mnt.join("f_1"),
+        b"user.mail.flags",
+        b"\\Seen \\Answered",
+        0,
+    )
+    .expect("setxattr");
     setxattr(&mnt.join("f_1"), b"user.empty", b"", 0).expect("setxattr empty");
     setxattr(&mnt.join("f_1"), b"trusted.big", &rng.bytes(65536), 0).expect("setxattr 64 KiB");
     setxattr(&mnt.join("a"), b"user.dir", b"directory xattr", 0).expect("setxattr dir");
@@ -237,13 +281,57 @@ fn populate(mnt: &Path) -> Expected {
     lchown(&mnt.join("f_4096"), 1234, 5678).expect("chown");
     lchown(&mnt.join("a/b/c"), 4321, 8765).expect("chown dir");
     lchown(&mnt.join("link_rel"), 42, 43).expect("lchown symlink");
-    utimens(&mnt.join("f_chunk_p1"), (1_000_000_000, 1), (1_234_567_890, 123_456_789), false)
-        .expect("utimens");
-    utimens(&mnt.join("f_0"), (-1, 0), (-86_400 * 365, 999_999_999), false).expect("utimens pre-epoch");
-    utimens(&mnt.join("a/b/c"), (2_000_000_000, 5), (2_000_000_001, 6), false).expect("utimens dir");
+    utimens(
+        &mnt.join("f_chunk_p1"),
+        (1_000_000_000, 1),
+        (1_234_567_890, 123_456_789),
+        false,
+    )
+    .expect("utimens");
+    utimens(
+        &mnt.join("f_0"),
+        (-1, 0),
+        (-86_400 * 365, 999_999_999),
+        false,
+    )
+    .expect("utimens pre-epoch");
+    utimens(
+        &mnt.join("a/b/c"),
+        (2_000_000_000, 5),
+        (2_000_000_001, 6),
+        false,
+    )
+    .expect("utimens dir");
     utimens(&mnt.join("link_dangling"), (7, 7), (8, 8), true).expect("utimens symlink");
 
     expected
+}
+
+/// Copy `data` into the file at `at` through a shared mapping of its first `len` bytes.
+fn mmap_write(f: &File, len: usize, at: usize, data: &[u8]) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared mapping of `len` bytes of an open file of at least that size;
+    // only bytes inside it are written, and it is unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        let bytes = std::slice::from_raw_parts_mut(p.cast::<u8>(), len);
+        bytes[at..at + data.len()].copy_from_slice(data);
+        assert_eq!(libc::msync(p, len, libc::MS_SYNC), 0, "msync");
+        assert_eq!(libc::munmap(p, len), 0, "munmap");
+    }
 }
 
 fn unsafe_removexattr(p: &Path, name: &[u8]) -> i32 {
@@ -266,35 +354,87 @@ fn verify_expected(mnt: &Path, expected: &Expected, when: &str) {
             if n == 0 {
                 break;
             }
-            assert_bytes_eq(&buf[..n], &data[at..at + n], &format!("{when}: {rel} @ {at}"));
+            assert_bytes_eq(
+                &buf[..n],
+                &data[at..at + n],
+                &format!("{when}: {rel} @ {at}"),
+            );
             at += n;
         }
         assert_eq!(at, data.len(), "{when}: {rel}: short read");
     }
     let ino = |r: &str| fs::metadata(mnt.join(r)).expect("stat").ino();
-    assert_eq!(ino("hl_orig"), ino("a/hl_second"), "{when}: hard links share the inode");
-    assert_eq!(ino("hl_orig"), ino("a/b/hl_third"), "{when}: hard links share the inode");
+    assert_eq!(
+        ino("hl_orig"),
+        ino("a/hl_second"),
+        "{when}: hard links share the inode"
+    );
+    assert_eq!(
+        ino("hl_orig"),
+        ino("a/b/hl_third"),
+        "{when}: hard links share the inode"
+    );
     assert_eq!(fs::metadata(mnt.join("hl_orig")).expect("stat").nlink(), 3);
-    assert_eq!(fs::read_link(mnt.join("link_rel")).expect("readlink"), Path::new("f_chunk"));
-    assert_eq!(fs::read_link(mnt.join("link_long")).expect("readlink").as_os_str().len(), 4095);
-    assert_eq!(getxattr(&mnt.join("f_1"), b"user.mail.flags").expect("getxattr"), b"\\Seen \\Answered");
+    assert_eq!(
+        fs::read_link(mnt.join("link_rel")).expect("readlink"),
+        Path::new("f_chunk")
+    );
+    assert_eq!(
+        fs::read_link(mnt.join("link_long"))
+            .expect("readlink")
+            .as_os_str()
+            .len(),
+        4095
+    );
+    assert_eq!(
+        getxattr(&mnt.join("f_1"), b"user.mail.flags").expect("getxattr"),
+        b"\\Seen \\Answered"
+    );
     assert_eq!(
         errno_of(getxattr(&mnt.join("f_1"), b"user.removed"), "removed xattr"),
         libc::ENODATA
     );
     let m = fs::metadata(mnt.join("f_chunk_p1")).expect("stat");
-    assert_eq!((m.mtime(), m.mtime_nsec()), (1_234_567_890, 123_456_789), "{when}: mtime");
-    assert_eq!((m.atime(), m.atime_nsec()), (1_000_000_000, 1), "{when}: atime");
+    assert_eq!(
+        (m.mtime(), m.mtime_nsec()),
+        (1_234_567_890, 123_456_789),
+        "{when}: mtime"
+    );
+    assert_eq!(
+        (m.atime(), m.atime_nsec()),
+        (1_000_000_000, 1),
+        "{when}: atime"
+    );
     let m = fs::metadata(mnt.join("f_0")).expect("stat");
-    assert_eq!((m.mtime(), m.mtime_nsec()), (-86_400 * 365, 999_999_999), "{when}: pre-epoch mtime");
+    assert_eq!(
+        (m.mtime(), m.mtime_nsec()),
+        (-86_400 * 365, 999_999_999),
+        "{when}: pre-epoch mtime"
+    );
     let m = fs::metadata(mnt.join("f_4096")).expect("stat");
     assert_eq!((m.uid(), m.gid()), (1234, 5678), "{when}: chown");
-    assert_eq!(fs::metadata(mnt.join("f_chunk")).expect("stat").mode() & 0o7777, 0o4751);
-    assert_eq!(fs::metadata(mnt.join("a/b")).expect("stat").mode() & 0o7777, 0o1777);
+    assert_eq!(
+        fs::metadata(mnt.join("f_chunk")).expect("stat").mode() & 0o7777,
+        0o4751
+    );
+    assert_eq!(
+        fs::metadata(mnt.join("a/b")).expect("stat").mode() & 0o7777,
+        0o1777
+    );
     let m = fs::symlink_metadata(mnt.join("fifo")).expect("stat fifo");
-    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()), "{when}: fifo kind");
-    assert_eq!(fs::read_dir(mnt.join("many")).expect("read_dir").count(), 300, "{when}");
-    assert_eq!(fs::read_to_string(mnt.join("many/entry-0299")).expect("read"), "299\n");
+    assert!(
+        std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()),
+        "{when}: fifo kind"
+    );
+    assert_eq!(
+        fs::read_dir(mnt.join("many")).expect("read_dir").count(),
+        300,
+        "{when}"
+    );
+    assert_eq!(
+        fs::read_to_string(mnt.join("many/entry-0299")).expect("read"),
+        "299\n"
+    );
 }
 
 #[test]
@@ -317,7 +457,12 @@ fn everything_survives_a_clean_restart() {
         );
         for (path, b) in &before {
             let a = &after[path];
-            assert_eq!(a, b, "restart {round}: {} changed across the restart", path.display());
+            assert_eq!(
+                a,
+                b,
+                "restart {round}: {} changed across the restart",
+                path.display()
+            );
         }
         verify_expected(&t.mnt, &expected, &format!("after restart {round}"));
         m.assert_healthy();
@@ -335,7 +480,11 @@ fn data_written_by_an_open_file_survives_lazy_umount() {
     let mut f = File::create(t.path("open_at_umount")).expect("create");
     f.write_all(&data[..2 * CHUNK]).expect("write");
     let started = std::time::Instant::now();
-    let out = spoolfs([std::ffi::OsStr::new("umount"), std::ffi::OsStr::new("--lazy"), t.mnt.as_os_str()]);
+    let out = spoolfs([
+        std::ffi::OsStr::new("umount"),
+        std::ffi::OsStr::new("--lazy"),
+        t.mnt.as_os_str(),
+    ]);
     assert!(out.status.success(), "umount --lazy: {}", describe(&out));
     // The daemon cannot stop while the file is open: `umount --lazy` must not wait for it.
     assert!(
@@ -343,7 +492,10 @@ fn data_written_by_an_open_file_survives_lazy_umount() {
         "umount --lazy of a busy mount took {:?}",
         started.elapsed()
     );
-    assert!(m.alive(), "the daemon must keep serving the open file of the detached mount");
+    assert!(
+        m.alive(),
+        "the daemon must keep serving the open file of the detached mount"
+    );
     assert!(!is_mounted(&t.mnt));
     // The detached mount still works for the open file.
     f.write_all(&data[2 * CHUNK..]).expect("write after detach");
@@ -354,6 +506,10 @@ fn data_written_by_an_open_file_survives_lazy_umount() {
     );
     drop(m);
     let m = t.mount();
-    assert_bytes_eq(&read_all(&t.path("open_at_umount")).expect("read"), &data, "open_at_umount");
+    assert_bytes_eq(
+        &read_all(&t.path("open_at_umount")).expect("read"),
+        &data,
+        "open_at_umount",
+    );
     m.umount();
 }

@@ -295,7 +295,17 @@ impl TestFs {
     /// Arguments of `spoolfs mount` for this data dir and mountpoint. The metrics endpoint
     /// is off: parallel test daemons would all want the same default port.
     pub fn mount_args(&self, opts: &[&str]) -> Vec<std::ffi::OsString> {
-        let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), OsStr::new("--metrics-addr"), OsStr::new("off")];
+        self.mount_args_with(opts, &[])
+    }
+
+    /// Like `mount_args`, with extra flags of `spoolfs mount` (e.g. `--memfd-budget N`).
+    pub fn mount_args_with(&self, opts: &[&str], extra: &[&str]) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<&OsStr> = vec![
+            OsStr::new("mount"),
+            OsStr::new("--metrics-addr"),
+            OsStr::new("off"),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
         for o in opts {
             args.push(OsStr::new("-o"));
             args.push(OsStr::new(o));
@@ -311,8 +321,17 @@ impl TestFs {
     }
 
     pub fn mount_with(&self, opts: &[&str]) -> MountGuard {
-        let out = self.try_mount(opts);
-        assert!(out.status.success(), "spoolfs mount failed: {}", describe(&out));
+        self.mount_full(opts, &[])
+    }
+
+    /// Mount with `-o` options and extra flags; panics if it fails.
+    pub fn mount_full(&self, opts: &[&str], extra: &[&str]) -> MountGuard {
+        let out = spoolfs(self.mount_args_with(opts, extra));
+        assert!(
+            out.status.success(),
+            "spoolfs mount failed: {}",
+            describe(&out)
+        );
         let pid = lock_pid(&self.data).expect("the lock file names the daemon");
         assert!(pid_alive(pid), "daemon {pid} is not running after mount");
         let info = mount_at(&self.mnt).expect("mounted after spoolfs mount returned");
@@ -371,7 +390,11 @@ impl MountGuard {
     /// Clean unmount with `spoolfs umount`; asserts it succeeds and the daemon exits.
     pub fn umount(mut self) {
         let out = spoolfs([OsStr::new("umount"), self.mnt.as_os_str()]);
-        assert!(out.status.success(), "spoolfs umount failed: {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "spoolfs umount failed: {}",
+            describe(&out)
+        );
         assert!(!is_mounted(&self.mnt), "still mounted after spoolfs umount");
         assert!(
             wait_until(Duration::from_secs(10), || !pid_alive(self.pid)),
@@ -394,8 +417,16 @@ impl MountGuard {
 
     /// Lazily unmount (the way to clear a dead mount) and forget the mount.
     pub fn detach(mut self) {
-        let out = spoolfs([OsStr::new("umount"), OsStr::new("--lazy"), self.mnt.as_os_str()]);
-        assert!(out.status.success(), "spoolfs umount --lazy failed: {}", describe(&out));
+        let out = spoolfs([
+            OsStr::new("umount"),
+            OsStr::new("--lazy"),
+            self.mnt.as_os_str(),
+        ]);
+        assert!(
+            out.status.success(),
+            "spoolfs umount --lazy failed: {}",
+            describe(&out)
+        );
         assert!(!is_mounted(&self.mnt), "still mounted after umount --lazy");
         self.active = false;
         self.reap();
@@ -436,7 +467,9 @@ pub fn last_errno() -> i32 {
 pub fn errno_of<T: std::fmt::Debug>(r: io::Result<T>, what: &str) -> i32 {
     match r {
         Ok(v) => panic!("{what}: expected an error, got Ok({v:?})"),
-        Err(e) => e.raw_os_error().unwrap_or_else(|| panic!("{what}: not an OS error: {e}")),
+        Err(e) => e
+            .raw_os_error()
+            .unwrap_or_else(|| panic!("{what}: not an OS error: {e}")),
     }
 }
 
@@ -453,7 +486,13 @@ pub fn setxattr(p: &Path, name: &[u8], value: &[u8], flags: i32) -> io::Result<(
     let path = cstr(p);
     // SAFETY: valid NUL-terminated strings and a buffer of the given length.
     check(unsafe {
-        libc::setxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        libc::setxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
     })
 }
 
@@ -462,7 +501,11 @@ pub fn getxattr_sized(p: &Path, name: &[u8], size: usize) -> io::Result<(usize, 
     let name = CString::new(name).expect("xattr name without NUL");
     let path = cstr(p);
     let mut buf = vec![0u8; size];
-    let ptr = if size == 0 { std::ptr::null_mut() } else { buf.as_mut_ptr().cast() };
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
     // SAFETY: `ptr` is null with size 0, or points to `size` writable bytes.
     let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), ptr, size) };
     if n < 0 {
@@ -507,7 +550,15 @@ pub fn listxattr(p: &Path) -> io::Result<Vec<Vec<u8>>> {
 pub fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
     let (a, b) = (cstr(from), cstr(to));
     // SAFETY: valid NUL-terminated paths.
-    check(unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) })
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    })
 }
 
 pub fn fallocate(f: &File, mode: i32, offset: i64, len: i64) -> io::Result<()> {
@@ -544,10 +595,20 @@ pub fn fsync_dir(p: &Path) -> io::Result<()> {
 pub fn utimens(p: &Path, atime: (i64, i64), mtime: (i64, i64), nofollow: bool) -> io::Result<()> {
     let path = cstr(p);
     let ts = [
-        libc::timespec { tv_sec: atime.0, tv_nsec: atime.1 },
-        libc::timespec { tv_sec: mtime.0, tv_nsec: mtime.1 },
+        libc::timespec {
+            tv_sec: atime.0,
+            tv_nsec: atime.1,
+        },
+        libc::timespec {
+            tv_sec: mtime.0,
+            tv_nsec: mtime.1,
+        },
     ];
-    let flags = if nofollow { libc::AT_SYMLINK_NOFOLLOW } else { 0 };
+    let flags = if nofollow {
+        libc::AT_SYMLINK_NOFOLLOW
+    } else {
+        0
+    };
     // SAFETY: valid path and two timespecs.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), ts.as_ptr(), flags) })
 }

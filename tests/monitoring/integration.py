@@ -154,7 +154,8 @@ def expressions():
             panels.extend(p.get("panels", []))
             for t in p.get("targets", []):
                 if t.get("expr"):
-                    expr = t["expr"].replace("$__rate_interval", "1m").replace("$__interval", "1m")
+                    expr = (t["expr"].replace("$__rate_interval", "1m").replace("$__interval", "1m")
+                            .replace("$instance", ".*").replace("${instance}", ".*"))
                     exprs.append((f"panel {p.get('title')!r}", expr))
     return exprs
 

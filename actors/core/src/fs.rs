@@ -498,7 +498,13 @@ impl Fs {
 
     // --- removing entries -----------------------------------------------------------------
 
-    pub fn unlink(&mut self, s: &mut impl Store, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()> {
+    pub fn unlink(
+        &mut self,
+        s: &mut impl Store,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+    ) -> FsResult<()> {
         let mut dir = self.get_dir(s, parent)?;
         check_name(&self.limits, name)?;
         let d = s.dentry(parent, name)?.ok_or(Errno::ENOENT)?;
@@ -513,7 +519,13 @@ impl Fs {
         self.unlinked(s, &mut inode, ctx.now)
     }
 
-    pub fn rmdir(&mut self, s: &mut impl Store, ctx: &Ctx, parent: Ino, name: &[u8]) -> FsResult<()> {
+    pub fn rmdir(
+        &mut self,
+        s: &mut impl Store,
+        ctx: &Ctx,
+        parent: Ino,
+        name: &[u8],
+    ) -> FsResult<()> {
         let mut dir = self.get_dir(s, parent)?;
         check_name(&self.limits, name)?;
         match name {
@@ -708,7 +720,13 @@ impl Fs {
 
     /// Update a directory's mtime/ctime after its entries changed, adjusting its link count
     /// by `nlink_delta` subdirectories.
-    fn touch_dir(&self, s: &mut impl Store, dir: Ino, nlink_delta: i64, now: Timestamp) -> FsResult<()> {
+    fn touch_dir(
+        &self,
+        s: &mut impl Store,
+        dir: Ino,
+        nlink_delta: i64,
+        now: Timestamp,
+    ) -> FsResult<()> {
         let mut d = self.get(s, dir)?;
         let nlink = i64::from(d.nlink) + nlink_delta;
         d.nlink = u32::try_from(nlink).map_err(|_| Errno::EIO)?;
@@ -864,11 +882,8 @@ impl Fs {
         offset: u64,
     ) -> FsResult<Vec<(u64, DirEntry)>> {
         self.handle_for(fh, ino)?;
-        let needs_listing = offset == 0
-            || self
-                .handles
-                .get(&fh)
-                .is_some_and(|h| h.listing.is_none());
+        let needs_listing =
+            offset == 0 || self.handles.get(&fh).is_some_and(|h| h.listing.is_none());
         if needs_listing {
             let listing = self.list_dir(s, ino)?;
             if let Some(h) = self.handles.get_mut(&fh) {
@@ -1086,7 +1101,13 @@ impl Fs {
         Ok(out)
     }
 
-    pub fn removexattr(&mut self, s: &mut impl Store, ctx: &Ctx, ino: Ino, name: &[u8]) -> FsResult<()> {
+    pub fn removexattr(
+        &mut self,
+        s: &mut impl Store,
+        ctx: &Ctx,
+        ino: Ino,
+        name: &[u8],
+    ) -> FsResult<()> {
         let mut inode = self.get(s, ino)?;
         self.check_xattr_name(&inode, name)?;
         if s.xattr(ino, name)?.is_none() {

@@ -110,6 +110,11 @@ impl WeakActorHandle {
     pub fn upgrade(&self) -> Option<ActorHandle> {
         self.tx.upgrade().map(|tx| ActorHandle { tx })
     }
+
+    /// Requests waiting in the queue (0 once the actor is gone).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.upgrade().map_or(0, |tx| tx.len())
+    }
 }
 
 /// Longest time a completed operation may stay non-durable when nobody asks for durability.
@@ -781,4 +786,10 @@ fn vanished() -> CommitResult {
         Err("commit task vanished".into()),
         std::time::Duration::ZERO,
     )
+}
+
+impl std::fmt::Debug for WeakActorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeakActorHandle").finish_non_exhaustive()
+    }
 }

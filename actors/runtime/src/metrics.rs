@@ -51,7 +51,6 @@ pub struct Metrics {
     pub per_op: Vec<OpMetrics>,
     pub errors: Family<ErrorLabels, Counter>,
     pub in_flight: Gauge,
-    pub queue_depth: Gauge,
     pub queue_capacity: Gauge,
     pub queue_wait: Histogram,
     pub commits_immediate: Counter,
@@ -89,7 +88,6 @@ impl Metrics {
             per_op,
             errors: Family::default(),
             in_flight: Gauge::default(),
-            queue_depth: Gauge::default(),
             queue_capacity: Gauge::default(),
             queue_wait: Histogram::new(latency_buckets()),
             commits_immediate: commits.get_or_create_owned(&DurabilityLabel {
@@ -126,11 +124,8 @@ impl Metrics {
             "FUSE requests received and not yet answered",
             m.in_flight.clone(),
         );
-        r.register(
-            "actor_queue_depth",
-            "Requests waiting in the actor's queue",
-            m.queue_depth.clone(),
-        );
+        // spoolfs_actor_queue_depth is read at scrape time (a gauge set per request would
+        // stay high on an idle daemon after a burst).
         r.register(
             "actor_queue_capacity",
             "Capacity of the actor's queue",

@@ -17,7 +17,9 @@ pub enum DecodeError {
 impl std::fmt::Display for DecodeError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DecodeError::Length(n) => write!(f, "inode record has {n} bytes, expected {INODE_RECORD_LEN}"),
+            DecodeError::Length(n) => {
+                write!(f, "inode record has {n} bytes, expected {INODE_RECORD_LEN}")
+            }
             DecodeError::Version(v) => write!(f, "inode record version {v} is unknown"),
             DecodeError::Kind(k) => write!(f, "inode record has unknown kind {k}"),
             DecodeError::Nanos(n) => write!(f, "inode record has a timestamp with {n} ns"),
@@ -29,7 +31,10 @@ impl std::error::Error for DecodeError {}
 
 pub fn encode_inode(inode: &Inode) -> [u8; INODE_RECORD_LEN] {
     let mut out = [0u8; INODE_RECORD_LEN];
-    let mut w = Writer { buf: &mut out, at: 0 };
+    let mut w = Writer {
+        buf: &mut out,
+        at: 0,
+    };
     w.bytes(&[INODE_RECORD_V1, inode.kind.to_byte()]);
     w.bytes(&inode.perm.to_le_bytes());
     w.bytes(&inode.nlink.to_le_bytes());
@@ -133,27 +138,42 @@ mod tests {
 
     fn any_inode() -> impl Strategy<Value = Inode> {
         (
-            (any::<u64>(), 1u8..=7, any::<u32>(), any::<u32>(), any::<u32>(), any::<u32>()),
-            (any::<u64>(), any::<u32>(), any::<i64>(), 0u32..1_000_000_000, any::<u64>()),
+            (
+                any::<u64>(),
+                1u8..=7,
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+            ),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                any::<i64>(),
+                0u32..1_000_000_000,
+                any::<u64>(),
+            ),
         )
-            .prop_map(|((ino, k, perm, nlink, uid, gid), (size, rdev, secs, nanos, parent))| {
-                let t = Timestamp { secs, nanos };
-                Inode {
-                    ino: Ino(ino),
-                    kind: Kind::from_byte(k).unwrap_or(Kind::File),
-                    perm,
-                    nlink,
-                    uid,
-                    gid,
-                    size,
-                    rdev,
-                    atime: t,
-                    mtime: t,
-                    ctime: t,
-                    crtime: t,
-                    parent: Ino(parent),
-                }
-            })
+            .prop_map(
+                |((ino, k, perm, nlink, uid, gid), (size, rdev, secs, nanos, parent))| {
+                    let t = Timestamp { secs, nanos };
+                    Inode {
+                        ino: Ino(ino),
+                        kind: Kind::from_byte(k).unwrap_or(Kind::File),
+                        perm,
+                        nlink,
+                        uid,
+                        gid,
+                        size,
+                        rdev,
+                        atime: t,
+                        mtime: t,
+                        ctime: t,
+                        crtime: t,
+                        parent: Ino(parent),
+                    }
+                },
+            )
     }
 
     proptest! {

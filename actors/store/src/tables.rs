@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table, WriteTransaction,
+};
 use spoolfs_core::mem_store::{copy_in, copy_out};
 use spoolfs_core::{Dentry, Ino, Inode, Kind, Store, StoreError, StoreResult};
 
@@ -68,7 +70,8 @@ pub fn open_database(path: &Path) -> Result<Database, OpenError> {
                 let mut t = Tables::open(&txn).map_err(|e| init(e.to_string()))?;
                 t.set_meta(META_SCHEMA_VERSION, SCHEMA_VERSION)
                     .map_err(|e| init(e.to_string()))?;
-                t.set_meta(META_NEXT_INO, 2).map_err(|e| init(e.to_string()))?;
+                t.set_meta(META_NEXT_INO, 2)
+                    .map_err(|e| init(e.to_string()))?;
             }
             txn.commit().map_err(|e| init(e.to_string()))?;
         }
@@ -186,7 +189,10 @@ impl Store for Tables<'_> {
                 let (ino, kind) = v.value();
                 let kind = Kind::from_byte(kind)
                     .ok_or_else(|| StoreError(format!("dentry in {parent} has kind {kind}")))?;
-                Ok(Some(Dentry { ino: Ino(ino), kind }))
+                Ok(Some(Dentry {
+                    ino: Ino(ino),
+                    kind,
+                }))
             }
         }
     }
@@ -227,7 +233,13 @@ impl Store for Tables<'_> {
             let (ino, kind) = v.value();
             let kind = Kind::from_byte(kind)
                 .ok_or_else(|| StoreError(format!("dentry in {parent} has kind {kind}")))?;
-            out.push((name.to_vec(), Dentry { ino: Ino(ino), kind }));
+            out.push((
+                name.to_vec(),
+                Dentry {
+                    ino: Ino(ino),
+                    kind,
+                },
+            ));
             if out.len() >= limit {
                 break;
             }

@@ -117,7 +117,10 @@ impl<A: Side, B: Side> Driver<A, B> {
     fn lookup(&mut self, parent: u64, name: &[u8]) -> Step<Option<Attr>> {
         let ra = self.a.lookup(parent, name);
         let rb = self.b.lookup(parent, name);
-        *self.stats.entry(format!("lookup {}", ra.outcome())).or_insert(0) += 1;
+        *self
+            .stats
+            .entry(format!("lookup {}", ra.outcome()))
+            .or_insert(0) += 1;
         same(&format!("lookup({parent}, {:?})", bstr(name)), &ra, &rb)?;
         Ok(match ra {
             Ok(attr) => {
@@ -234,7 +237,12 @@ impl<A: Side, B: Side> Driver<A, B> {
 
     /// Compare two answers; on success of a call that hands the kernel an entry, count
     /// the reference it now holds.
-    fn entry(&mut self, what: &str, ra: Result<Attr, spoolfs_core::Errno>, rb: Result<Attr, spoolfs_core::Errno>) -> Step<()> {
+    fn entry(
+        &mut self,
+        what: &str,
+        ra: Result<Attr, spoolfs_core::Errno>,
+        rb: Result<Attr, spoolfs_core::Errno>,
+    ) -> Step<()> {
         self.same(what, &ra, &rb)?;
         if let Ok(a) = ra {
             self.hold(a.ino);
@@ -251,7 +259,7 @@ impl<A: Side, B: Side> Driver<A, B> {
         self.a.op_done(self.applied);
         self.b.op_done(self.applied);
         self.applied += 1;
-        let all = self.applied % self.full_every == 0;
+        let all = self.applied.is_multiple_of(self.full_every);
         self.compare(all)
     }
 
@@ -430,7 +438,10 @@ impl<A: Side, B: Side> Driver<A, B> {
                 };
                 let ra = self.a.read(s.ino, s.a, *offset, *len);
                 let rb = self.b.read(s.ino, s.b, *offset, *len);
-                *self.stats.entry(format!("read {}", ra.outcome())).or_insert(0) += 1;
+                *self
+                    .stats
+                    .entry(format!("read {}", ra.outcome()))
+                    .or_insert(0) += 1;
                 if ra != rb {
                     return Err(format!("read: {}", diff_bytes(&ra, &rb)));
                 }
@@ -576,8 +587,14 @@ impl<A: Side, B: Side> Driver<A, B> {
         } else {
             Contents::Only(&dirty)
         };
-        let sa = self.a.snapshot(contents).map_err(|e| format!("side a: {e}"))?;
-        let sb = self.b.snapshot(contents).map_err(|e| format!("side b: {e}"))?;
+        let sa = self
+            .a
+            .snapshot(contents)
+            .map_err(|e| format!("side a: {e}"))?;
+        let sb = self
+            .b
+            .snapshot(contents)
+            .map_err(|e| format!("side b: {e}"))?;
         if sa != sb {
             return Err(format!("state differs:\n{}", diff_snapshots(&sa, &sb)));
         }
@@ -635,7 +652,11 @@ fn diff_bytes(
                 at.map(|i| (i, a[i], b[i]))
             )
         }
-        _ => format!("{:?} vs {:?}", a.as_ref().map(Vec::len), b.as_ref().map(Vec::len)),
+        _ => format!(
+            "{:?} vs {:?}",
+            a.as_ref().map(Vec::len),
+            b.as_ref().map(Vec::len)
+        ),
     }
 }
 
@@ -648,9 +669,9 @@ fn diff_map<K: Ord + Debug, V: PartialEq + Debug>(
     for (k, va) in a {
         match b.get(k) {
             None => out.push_str(&format!("  {what} {k:?}: only in a: {va:?}\n")),
-            Some(vb) if vb != va => {
-                out.push_str(&format!("  {what} {k:?}: a {va:?}\n  {what} {k:?}: b {vb:?}\n"))
-            }
+            Some(vb) if vb != va => out.push_str(&format!(
+                "  {what} {k:?}: a {va:?}\n  {what} {k:?}: b {vb:?}\n"
+            )),
             _ => {}
         }
     }
@@ -687,10 +708,16 @@ pub fn diff_snapshots(a: &Snapshot, b: &Snapshot) -> String {
         out.push_str(&format!("  orphans {:?} vs {:?}\n", a.orphans, b.orphans));
     }
     if a.open_handles != b.open_handles {
-        out.push_str(&format!("  open handles {} vs {}\n", a.open_handles, b.open_handles));
+        out.push_str(&format!(
+            "  open handles {} vs {}\n",
+            a.open_handles, b.open_handles
+        ));
     }
     if a.known_inodes != b.known_inodes {
-        out.push_str(&format!("  known inodes {} vs {}\n", a.known_inodes, b.known_inodes));
+        out.push_str(&format!(
+            "  known inodes {} vs {}\n",
+            a.known_inodes, b.known_inodes
+        ));
     }
     out
 }

@@ -214,7 +214,9 @@ impl Model {
         };
         self.nodes
             .insert(new_ino, Node::new(kind, perm, UID, gid, parent));
-        self.node_mut(parent)?.entries.insert(name.to_vec(), new_ino);
+        self.node_mut(parent)?
+            .entries
+            .insert(name.to_vec(), new_ino);
         self.remember(new_ino);
         self.attr(new_ino)
     }
@@ -285,7 +287,11 @@ impl Side for Model {
     }
 
     fn mknod(&mut self, parent: u64, name: &[u8], mode: u32, new_ino: u64) -> Res<Attr> {
-        assert_eq!(mode & libc::S_IFMT, libc::S_IFIFO, "the model only makes FIFOs");
+        assert_eq!(
+            mode & libc::S_IFMT,
+            libc::S_IFIFO,
+            "the model only makes FIFOs"
+        );
         self.make(parent, name, Kind::Fifo, mode, new_ino)
     }
 
@@ -575,7 +581,12 @@ impl Side for Model {
     }
 
     fn tree(&mut self) -> Vec<(Vec<Vec<u8>>, Kind)> {
-        fn walk(m: &Model, ino: u64, prefix: &mut Vec<Vec<u8>>, out: &mut Vec<(Vec<Vec<u8>>, Kind)>) {
+        fn walk(
+            m: &Model,
+            ino: u64,
+            prefix: &mut Vec<Vec<u8>>,
+            out: &mut Vec<(Vec<Vec<u8>>, Kind)>,
+        ) {
             let Some(n) = m.nodes.get(&ino) else { return };
             for (name, child) in &n.entries {
                 let kind = m.nodes.get(child).map_or(Kind::File, |c| c.kind);

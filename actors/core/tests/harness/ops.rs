@@ -95,7 +95,11 @@ pub fn rename_flags(f: u8) -> spoolfs_core::RenameFlags {
 /// fallocate modes: 0, KEEP_SIZE, PUNCH_HOLE | KEEP_SIZE.
 pub fn falloc_mode(m: u8) -> i32 {
     use spoolfs_core::fs::{FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE};
-    [0, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE][usize::from(m) % 3]
+    [
+        0,
+        FALLOC_FL_KEEP_SIZE,
+        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    ][usize::from(m) % 3]
 }
 
 /// setxattr flags: 0, XATTR_CREATE, XATTR_REPLACE.
@@ -119,36 +123,108 @@ pub fn symlink_target(t: u8) -> Vec<u8> {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
-    Mkdir { at: Loc, mode: u8 },
+    Mkdir {
+        at: Loc,
+        mode: u8,
+    },
     /// create; the handle it returns stays open.
-    Create { at: Loc, mode: u8, acc: u8 },
+    Create {
+        at: Loc,
+        mode: u8,
+        acc: u8,
+    },
     /// mknod of a FIFO.
-    Mknod { at: Loc },
-    Symlink { at: Loc, target: u8 },
-    Link { src: Ref, at: Loc },
-    Unlink { at: Loc },
-    Rmdir { at: Loc },
-    Rename { from: Loc, to: Loc, flags: u8 },
-    Lookup { path: Path },
+    Mknod {
+        at: Loc,
+    },
+    Symlink {
+        at: Loc,
+        target: u8,
+    },
+    Link {
+        src: Ref,
+        at: Loc,
+    },
+    Unlink {
+        at: Loc,
+    },
+    Rmdir {
+        at: Loc,
+    },
+    Rename {
+        from: Loc,
+        to: Loc,
+        flags: u8,
+    },
+    Lookup {
+        path: Path,
+    },
     /// Open a regular file (other kinds are skipped: the kernel does not send them OPEN).
-    Open { target: Ref, acc: u8 },
-    OpenDir { target: Ref },
-    Readdir { h: u8 },
-    Write { h: u8, offset: u64, len: u32, seed: u8 },
-    Read { h: u8, offset: u64, len: u32 },
-    Release { h: u8 },
+    Open {
+        target: Ref,
+        acc: u8,
+    },
+    OpenDir {
+        target: Ref,
+    },
+    Readdir {
+        h: u8,
+    },
+    Write {
+        h: u8,
+        offset: u64,
+        len: u32,
+        seed: u8,
+    },
+    Read {
+        h: u8,
+        offset: u64,
+        len: u32,
+    },
+    Release {
+        h: u8,
+    },
     /// truncate(2) by path.
-    Truncate { target: Ref, size: u64 },
+    Truncate {
+        target: Ref,
+        size: u64,
+    },
     /// ftruncate(2) through a handle.
-    Ftruncate { h: u8, size: u64 },
-    Fallocate { h: u8, offset: u64, len: u64, mode: u8 },
-    SetXattr { target: Ref, name: u8, value: u8, flags: u8 },
-    GetXattr { target: Ref, name: u8 },
-    ListXattr { target: Ref },
-    RemoveXattr { target: Ref, name: u8 },
-    Readlink { target: Ref },
+    Ftruncate {
+        h: u8,
+        size: u64,
+    },
+    Fallocate {
+        h: u8,
+        offset: u64,
+        len: u64,
+        mode: u8,
+    },
+    SetXattr {
+        target: Ref,
+        name: u8,
+        value: u8,
+        flags: u8,
+    },
+    GetXattr {
+        target: Ref,
+        name: u8,
+    },
+    ListXattr {
+        target: Ref,
+    },
+    RemoveXattr {
+        target: Ref,
+        name: u8,
+    },
+    Readlink {
+        target: Ref,
+    },
     /// FORGET one known inode: all its references, or just one.
-    Forget { pick: u8, all: bool },
+    Forget {
+        pick: u8,
+        all: bool,
+    },
     /// The kernel drops its whole dentry cache.
     ForgetAll,
     /// The daemon restarts: handles and kernel references vanish, orphans are reclaimed.
@@ -196,12 +272,13 @@ fn old_loc(sel: Sel) -> impl Strategy<Value = Loc> {
     ]
 }
 
-/// Offsets and sizes: mostly small, often right around a chunk boundary, sometimes anywhere
-/// in the first six chunks (leaving holes).
+/// Offsets and sizes: mostly small, often near a chunk boundary or within 3 bytes of one,
+/// sometimes anywhere in the first six chunks (leaving holes).
 pub fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![
         4 => 0..2_000u64,
-        3 => (1..6u64, 0..200u64).prop_map(|(k, d)| k * CHUNK_SIZE - 100 + d),
+        2 => (1..6u64, 0..200u64).prop_map(|(k, d)| k * CHUNK_SIZE - 100 + d),
+        2 => (1..6u64, 0..7u64).prop_map(|(k, d)| k * CHUNK_SIZE + d - 3),
         1 => 0..6 * CHUNK_SIZE,
     ]
 }
@@ -238,8 +315,15 @@ pub fn op() -> impl Strategy<Value = Op> {
         5 => h().prop_map(|h| Op::Release { h }),
         2 => (target(Sel::File), offset()).prop_map(|(target, size)| Op::Truncate { target, size }),
         2 => (h(), offset()).prop_map(|(h, size)| Op::Ftruncate { h, size }),
-        3 => (h(), offset(), 1..100_000u64, any::<u8>())
-            .prop_map(|(h, offset, len, mode)| Op::Fallocate { h, offset, len, mode }),
+        // The range ends anywhere, or (like it starts) at or near a chunk boundary.
+        3 => (h(), offset(), prop_oneof![1..100_000u64, offset()], any::<u8>()).prop_map(
+            |(h, offset, end, mode)| Op::Fallocate {
+                h,
+                offset,
+                len: if end > offset { end - offset } else { end.max(1) },
+                mode
+            }
+        ),
         3 => (xattr_target(), any::<u8>(), any::<u8>(), any::<u8>())
             .prop_map(|(target, name, value, flags)| Op::SetXattr { target, name, value, flags }),
         2 => (xattr_target(), any::<u8>())

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use spoolfs_core::{
-    Ctx, Dentry, Fh, Fs, Ino, Inode, Kind, MemStore, RenameFlags, SetAttr, Store,
-    Timestamp, CHUNK_SIZE,
+    Ctx, Dentry, Fh, Fs, Ino, Inode, Kind, MemStore, RenameFlags, SetAttr, Store, Timestamp,
+    CHUNK_SIZE,
 };
 
 use super::model::{GID, UID};
@@ -282,9 +282,8 @@ impl<B: Backend> Side for Sut<B> {
         flags: RenameFlags,
     ) -> Res<()> {
         let (fs, ctx) = (&mut self.fs, &self.ctx);
-        self.backend.with(|s| {
-            fs.rename(s, ctx, Ino(parent), name, Ino(new_parent), new_name, flags)
-        })
+        self.backend
+            .with(|s| fs.rename(s, ctx, Ino(parent), name, Ino(new_parent), new_name, flags))
     }
 
     fn open(&mut self, ino: u64, flags: i32) -> Res<Fh> {
@@ -442,7 +441,8 @@ impl<B: Backend> Side for Sut<B> {
             }
         }
         for ((parent, name), d) in &raw.dentries {
-            s.dentries.insert((*parent, name.clone()), (d.ino.0, d.kind));
+            s.dentries
+                .insert((*parent, name.clone()), (d.ino.0, d.kind));
         }
         Ok(s)
     }
