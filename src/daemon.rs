@@ -386,3 +386,71 @@ fn fusectl_waiting_path(mnt: &Path) -> Option<std::path::PathBuf> {
     }
     path.exists().then_some(path)
 }
+
+/// `spoolfs fsck`: offline check of every invariant of the database.
+pub fn fsck(data_dir: &Path, repair: bool) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    const OPERATIONAL: i32 = 8;
+    let db_path = data_dir.join(spoolfs_store::DB_FILE);
+    if !db_path.exists() {
+        return Err(Failure::new(
+            OPERATIONAL,
+            format!("{}: no spoolfs database here", db_path.display()),
+        ));
+    }
+    let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    if let Some(pid) = mount::lock_holder(data_dir) {
+        let mounted_at = mount::mounts()
+            .ok()
+            .and_then(|ms| ms.into_iter().find(|m| Path::new(&m.source) == abs))
+            .map(|m| format!(" (mounted at {})", m.mount_point.display()))
+            .unwrap_or_default();
+        return Err(Failure::new(
+            OPERATIONAL,
+            format!(
+                "{}: in use by spoolfs process {pid}{mounted_at}; unmount it first",
+                data_dir.display()
+            ),
+        ));
+    }
+    // Hold the lock ourselves so no daemon starts while we check (and maybe repair).
+    let _lock = mount::lock_data_dir(data_dir).map_err(|f| Failure::new(OPERATIONAL, f.message))?;
+    let db = spoolfs_store::open_database(&db_path)
+        .map_err(|e| Failure::new(OPERATIONAL, e.to_string()))?;
+    let tty = std::io::stderr().is_terminal();
+    let mut progress = |phase: &str, done: u64, total: u64| {
+        if tty && total > 0 {
+            eprint!("\r{phase}: {done}/{total}   ");
+        }
+    };
+    let report = spoolfs_store::fsck::check(&db, repair, &mut progress)
+        .map_err(|e| Failure::new(OPERATIONAL, format!("{}: {e}", db_path.display())))?;
+    if tty {
+        eprintln!();
+    }
+    for p in &report.problems {
+        println!("{p}");
+    }
+    println!(
+        "{}: {} inodes, {} entries, {} chunks, {} orphans awaiting reclaim, {} problems{}",
+        data_dir.display(),
+        report.inodes,
+        report.dentries,
+        report.chunks,
+        report.pending_orphans,
+        report.problems.len(),
+        if repair {
+            format!(", {} repairs", report.repaired)
+        } else {
+            String::new()
+        }
+    );
+    match (report.problems.is_empty(), repair) {
+        (true, _) => Ok(()),
+        (false, true) => Err(Failure::new(1, "problems found and repaired")),
+        (false, false) => Err(Failure::new(
+            4,
+            "problems found (run with --repair to fix them)",
+        )),
+    }
+}

@@ -44,6 +44,14 @@ enum Command {
     },
     /// Ask the daemon serving MOUNTPOINT how it is. Exit 0 ready, 1 dead mount, 3 not running.
     Status { mountpoint: PathBuf },
+    /// Check a data dir offline (not while mounted). fsck(8) exit codes: 0 clean,
+    /// 1 problems repaired, 4 problems left, 8 operational error.
+    Fsck {
+        /// Fix what has one safe answer (link counts, dangling records, orphans).
+        #[arg(long)]
+        repair: bool,
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -74,6 +82,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => daemon::mount(args, cli.log_format),
         Command::Umount { lazy, mountpoint } => daemon::umount(&mountpoint, lazy),
         Command::Status { mountpoint } => daemon::status(&mountpoint),
+        Command::Fsck { repair, data_dir } => daemon::fsck(&data_dir, repair),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -98,7 +107,9 @@ fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let first = args.get(1).map(|a| a.to_string_lossy().into_owned());
     let is_subcommand = matches!(
         first.as_deref(),
-        Some("mount" | "umount" | "status" | "help" | "--help" | "-h" | "--version" | "-V")
+        Some(
+            "mount" | "umount" | "status" | "fsck" | "help" | "--help" | "-h" | "--version" | "-V"
+        )
     );
     let looks_like_paths = args.len() >= 3 && first.as_deref().is_some_and(|f| !f.starts_with('-'));
     if !(invoked_as.starts_with("mount.") || (!is_subcommand && looks_like_paths)) {

@@ -233,6 +233,13 @@ if [[ -n $mnt ]]; then
     elif is_mounted "$mnt"; then
         echo "pjdfstest: error: $mnt still mounted after spoolfs umount" >&2
         errors=1
+    # The state the suite left behind must pass the offline check.
+    elif ! "$SPOOLFS_BIN" fsck "$data" >"$logdir/fsck.log" 2>&1; then
+        echo "pjdfstest: error: spoolfs fsck found problems after the run:" >&2
+        tail -n 20 "$logdir/fsck.log" >&2
+        errors=1
+    else
+        echo "pjdfstest: fsck: $(tail -n 1 "$logdir/fsck.log")"
     fi
 fi
 

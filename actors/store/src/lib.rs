@@ -14,6 +14,7 @@
 //! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`           |
 
 pub mod codec;
+pub mod fsck;
 mod tables;
 
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
