@@ -24,7 +24,7 @@ def mount_options_of(path):
     with open("/proc/self/mountinfo") as fh:
         for line in fh:
             fields = line.split()
-            mp, dash = fields[4], fields.index("-")
+            mp, dash = unescape(fields[4]), fields.index("-")
             if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best[0]):
                 best = (mp, f"{fields[5]} / {fields[dash + 3]}")
     return best[1]
@@ -38,9 +38,14 @@ def mountinfo():
         for line in f:
             fields = line.split()
             dash = fields.index("-")
-            unesc = lambda s: s.encode().decode("unicode_escape")  # noqa: E731 (\040 etc.)
-            out.append((unesc(fields[4]), fields[dash + 1], unesc(fields[dash + 2]), fields[2]))
+            out.append((unescape(fields[4]), fields[dash + 1], unescape(fields[dash + 2]),
+                        fields[2]))
     return out
+
+
+def unescape(s):
+    """mountinfo writes space, tab, newline and backslash as \\ooo (octal)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
 
 
 def fs_type_of(path):

@@ -18,6 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
+export PYTHONDONTWRITEBYTECODE=1  # no __pycache__ in the repo
 
 build=1
 ref=${BENCH_REF:-}
@@ -65,7 +66,8 @@ if [[ -n "$ref" ]]; then
         (cd "$src" && cargo build --release --bin spoolfs)
     fi
     export SPOOLFS_BIN="$src/target/release/spoolfs"
-    export BENCH_SOURCE_DESC="$(git -C "$repo" log -1 --format='%h (%s)' "$rev" | cut -c1-100), clean export"
+    BENCH_SOURCE_DESC="$(git -C "$repo" log -1 --format='%h (%s)' "$rev" | cut -c1-100), clean export"
+    export BENCH_SOURCE_DESC
 elif [[ -z "${SPOOLFS_BIN:-}" ]]; then
     export SPOOLFS_BIN="$repo/target/release/spoolfs"
     if ((build)); then
@@ -107,7 +109,7 @@ cleanup() {
     # is detached at once instead of failing.
     local m
     while read -r m; do
-        [[ -n "$m" ]] && umount -l "$m" 2>/dev/null || true
+        if [[ -n "$m" ]]; then umount -l "$m" 2>/dev/null || true; fi
     done < <(awk -v w="$work" '$5 == w || index($5, w "/") == 1 {print $5}' /proc/self/mountinfo | sort -r)
     # spoolfs daemons this run started (their PIDs, one a line), if any is still there.
     if [[ -f "$work/daemon.pids" ]]; then

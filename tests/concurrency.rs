@@ -230,3 +230,62 @@ fn concurrent_creates_renames_and_unlinks_in_one_directory() {
     check("after restart");
     m.umount();
 }
+
+/// readdir while other threads create and remove entries: every entry present for the whole
+/// listing is returned exactly once (POSIX leaves the changing ones unspecified).
+#[test]
+fn readdir_during_concurrent_changes_returns_stable_entries_once() {
+    let Some(t) = TestFs::new() else { return };
+    let m = t.mount();
+    let dir = t.path("busy");
+    fs::create_dir(&dir).expect("mkdir");
+    let stable: Vec<String> = (0..700).map(|i| format!("stable-{i:04}")).collect();
+    for n in &stable {
+        fs::write(dir.join(n), b"").expect("create");
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churners: Vec<_> = (0..2)
+        .map(|th| {
+            let (dir, stop) = (dir.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(0x4EAD + th);
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Names that sort before, between and after the stable ones.
+                    let p = match rng.range(0, 2) {
+                        0 => dir.join(format!("a-{th}-{}", rng.range(0, 50))),
+                        1 => dir.join(format!("stable-{:04}x{th}", rng.range(0, 700))),
+                        _ => dir.join(format!("z-{th}-{}", rng.range(0, 50))),
+                    };
+                    if rng.range(0, 1) == 0 {
+                        let _ = fs::write(&p, b"");
+                    } else {
+                        let _ = fs::remove_file(&p);
+                    }
+                }
+            })
+        })
+        .collect();
+    for round in 0..30 {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for e in fs::read_dir(&dir).expect("ls") {
+            let name = e.expect("entry").file_name().to_string_lossy().into_owned();
+            *seen.entry(name).or_insert(0) += 1;
+        }
+        for n in &stable {
+            assert_eq!(
+                seen.get(n),
+                Some(&1),
+                "listing {round}: {n} not returned exactly once"
+            );
+        }
+        if let Some((n, c)) = seen.iter().find(|(_, c)| **c > 1) {
+            panic!("listing {round}: {n} returned {c} times");
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in churners {
+        c.join().expect("churner");
+    }
+    m.assert_healthy();
+    m.umount();
+}

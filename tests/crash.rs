@@ -228,6 +228,7 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[
             "dead mount: {err}"
         );
         m.detach();
+        t.assert_fsck_clean(&format!("round {round} after kill -9"));
 
         let started = Instant::now();
         let m = t.mount_full(&[], extra);
@@ -430,7 +431,11 @@ fn churn_op(mnt: &Path, rng: &mut Rng) -> std::io::Result<()> {
         0..=3 => {
             // Write 1-16 blocks at a block-aligned offset (creating the file if needed).
             let p = file(rng);
-            let f = OpenOptions::new().create(true).write(true).open(&p)?;
+            let f = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&p)?;
             let at = rng.range(0, 40) as usize * BLOCK;
             let mut data = Vec::new();
             for _ in 0..rng.range(1, 16) {
@@ -454,18 +459,16 @@ fn churn_op(mnt: &Path, rng: &mut Rng) -> std::io::Result<()> {
         11 => fs::remove_dir(dir(rng)),
         12 => fs::rename(dir(rng), dir(rng)),
         13 => std::os::unix::fs::symlink(format!("target-{}", rng.range(0, 99)), file(rng)),
-        _ => setxattr(
-            &file(rng),
-            b"user.x",
-            &rng.bytes(rng.range(0, 300) as usize),
-            0,
-        ),
+        _ => {
+            let n = rng.range(0, 300) as usize;
+            setxattr(&file(rng), b"user.x", &rng.bytes(n), 0)
+        }
     }
 }
 
 /// Walk the tree and check its invariants; returns the number of entries seen.
 fn fsck(mnt: &Path, round: u64) -> usize {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
     let mut links: HashMap<u64, (u64, u64, PathBuf)> = HashMap::new(); // ino -> (found, nlink, path)
     let mut entries = 0;
     let mut stack = vec![mnt.to_path_buf()];
@@ -588,6 +591,7 @@ fn kill9_during_namespace_churn_leaves_a_consistent_tree() {
             ops.load(Ordering::SeqCst)
         );
         m.detach();
+        t.assert_fsck_clean(&format!("round {round} after kill -9"));
         let m = t.mount();
         let n = fsck(&t.mnt, round);
         eprintln!("round {round}: killed after {target} operations; {n} entries consistent");
@@ -612,4 +616,37 @@ fn kill9_during_namespace_churn_leaves_a_consistent_tree() {
     );
     m.umount();
     no_errors_logged(&t);
+}
+
+/// The actor bounds how long a completed operation may stay non-durable when nobody asks
+/// for durability (MAX_UNDURABLE, 1 s). Changes without any fsync/close, then an idle
+/// pause well past that bound, then kill -9: the changes must have been made durable.
+#[test]
+fn kill9_after_an_idle_pause_keeps_changes_nobody_synced() {
+    let Some(t) = TestFs::new() else { return };
+    let m = t.mount();
+    fs::create_dir(t.path("dir")).expect("mkdir");
+    fs::create_dir(t.path("dir/sub")).expect("mkdir");
+    std::os::unix::fs::symlink("sub", t.path("dir/link")).expect("symlink");
+    fs::rename(t.path("dir/sub"), t.path("dir/moved")).expect("rename");
+    setxattr(&t.path("dir"), b"user.k", b"v", 0).expect("setxattr");
+    // Idle, well past the 1 s bound.
+    std::thread::sleep(Duration::from_millis(2500));
+    m.kill9();
+    m.detach();
+    let m = t.mount();
+    assert!(
+        t.path("dir/moved").is_dir(),
+        "mkdir + rename lost after an idle pause"
+    );
+    assert!(!t.path("dir/sub").exists());
+    assert_eq!(
+        fs::read_link(t.path("dir/link")).expect("symlink lost after an idle pause"),
+        Path::new("sub")
+    );
+    assert_eq!(
+        getxattr(&t.path("dir"), b"user.k").expect("xattr lost"),
+        b"v"
+    );
+    m.umount();
 }

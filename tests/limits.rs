@@ -383,6 +383,14 @@ fn namespace_errors() {
         errno_of(fs::read_dir(t.path("missing")), "missing dir"),
         libc::ENOENT
     );
+    // rename between two links of one inode does nothing and succeeds (POSIX).
+    fs::hard_link(t.path("a/file"), t.path("a/file2")).expect("link");
+    fs::rename(t.path("a/file"), t.path("a/file2")).expect("rename onto another link");
+    assert!(t.path("a/file").exists() && t.path("a/file2").exists());
+    assert_eq!(fs::metadata(t.path("a/file")).expect("stat").nlink(), 2);
+    fs::remove_file(t.path("a/file2")).expect("unlink");
+    let sv = nix::sys::statvfs::statvfs(&t.mnt).expect("statvfs");
+    assert_eq!(sv.name_max(), 255, "statfs f_namemax");
     // Everything is as before the failed calls.
     assert_eq!(fs::read(t.path("a/file")).expect("read"), b"file");
     assert!(t.path("a/b/c").is_dir());

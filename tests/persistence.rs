@@ -144,6 +144,16 @@ fn populate(mnt: &Path) -> Expected {
         expected.insert(rel, data);
     }
 
+    // One 4 MiB write(2): the kernel splits it into requests of its max_write.
+    {
+        let rel = "f_one_big_write";
+        let data = rng.bytes((4 << 20) + 5);
+        let mut f = File::create(mnt.join(rel)).expect("create");
+        f.write_all(&data).expect("write");
+        close_checked(f).expect("close");
+        expected.insert(rel, data);
+    }
+
     // Overwrite in the middle of an existing multi-chunk file, across a chunk boundary.
     {
         let rel = "a/b/f_200000";

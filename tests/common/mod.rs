@@ -344,6 +344,18 @@ impl TestFs {
         }
     }
 
+    /// Run the offline checker `spoolfs fsck DATA_DIR` (the data dir must not be mounted)
+    /// and assert it finds no problem.
+    #[track_caller]
+    pub fn assert_fsck_clean(&self, when: &str) {
+        let out = spoolfs([OsStr::new("fsck"), self.data.as_os_str()]);
+        assert!(
+            out.status.success(),
+            "{when}: spoolfs fsck found problems: {}",
+            describe(&out)
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data.join("spoolfs.log")).unwrap_or_default()
     }
@@ -389,11 +401,23 @@ impl MountGuard {
 
     /// Clean unmount with `spoolfs umount`; asserts it succeeds and the daemon exits.
     pub fn umount(mut self) {
-        let out = spoolfs([OsStr::new("umount"), self.mnt.as_os_str()]);
+        // A "busy" with no process holding anything under the mount is transient: another
+        // test thread forking a child copies this process's descriptors into it until the
+        // child's exec closes them. Retry that briefly; a real holder fails at once.
+        let mut out = spoolfs([OsStr::new("umount"), self.mnt.as_os_str()]);
+        for _ in 0..100 {
+            let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+            if out.status.success() || !busy || !open_files_under(&self.mnt).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            out = spoolfs([OsStr::new("umount"), self.mnt.as_os_str()]);
+        }
         assert!(
             out.status.success(),
-            "spoolfs umount failed: {}",
-            describe(&out)
+            "spoolfs umount failed: {}; open files under the mount: {:?}",
+            describe(&out),
+            open_files_under(&self.mnt)
         );
         assert!(!is_mounted(&self.mnt), "still mounted after spoolfs umount");
         assert!(
@@ -450,6 +474,33 @@ impl Drop for MountGuard {
         }
         self.reap();
     }
+}
+
+/// Processes with a descriptor or cwd under `dir`, as "pid (comm): path" (diagnostics).
+pub fn open_files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+        let mut links: Vec<PathBuf> = std::fs::read_dir(p.path().join("fd"))
+            .map(|fds| {
+                fds.flatten()
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        links.extend(std::fs::read_link(p.path().join("cwd")).ok());
+        for l in links.into_iter().filter(|l| l.starts_with(dir)) {
+            out.push(format!("{pid} ({}): {}", comm.trim(), l.display()));
+        }
+    }
+    out
 }
 
 // --- syscalls -----------------------------------------------------------------------------

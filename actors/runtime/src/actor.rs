@@ -270,9 +270,23 @@ impl Actor {
                 if !open {
                     break;
                 }
-                match rx.recv() {
+                // Idle with a commit that is not durable yet: wait no longer than the
+                // MAX_UNDURABLE bound, then make it durable without waiting for another
+                // request (else an idle mount keeps its last operations non-durable for
+                // ever, and a crash loses them however long ago they completed).
+                let received = match self.undurable_since {
+                    Some(since) => match rx.recv_deadline(since + MAX_UNDURABLE) {
+                        Err(flume::RecvTimeoutError::Timeout) => {
+                            in_flight = self.start_idle_durable_commit(&done_tx);
+                            continue;
+                        }
+                        r => r.map_err(|_| ()),
+                    },
+                    None => rx.recv().map_err(|_| ()),
+                };
+                match received {
                     Ok(m) => pending.push_back(m),
-                    Err(_) => {
+                    Err(()) => {
                         open = false;
                         continue;
                     }
@@ -306,6 +320,23 @@ impl Actor {
             commits = self.commits,
             "actor stopped"
         );
+    }
+
+    /// An empty durable commit on the blocking pool, answering nobody: it makes the earlier
+    /// non-durable commits durable (see the idle wait in `run`).
+    fn start_idle_durable_commit(
+        &mut self,
+        done_tx: &flume::Sender<CommitResult>,
+    ) -> Option<InFlight> {
+        // On failure the next attempt comes one bound later, not in a tight loop.
+        self.undurable_since = Some(Instant::now());
+        match self.db.begin_write() {
+            Ok(txn) => self.commit_durable(txn, Vec::new(), done_tx),
+            Err(e) => {
+                error!(error = %e, "cannot begin the idle durable commit; retrying later");
+                None
+            }
+        }
     }
 
     fn durable_empty_commit(&mut self) -> Result<(), String> {
