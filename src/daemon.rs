@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
 use spoolfs_runtime::metrics::Metrics;
+use spoolfs_runtime::{Invalidation, KernelNotifier, NotifyPool};
 
 use crate::adapter::Adapter;
 use crate::control;
@@ -175,6 +176,20 @@ fn run(
         }
     };
     info!(data_dir = %data_dir.display(), mountpoint = %mnt.display(), pid = std::process::id(), "mounted");
+    // Kernel invalidations are sent from their own threads, never from the actor or a FUSE
+    // thread (a notify call from the request path can deadlock the kernel).
+    let _notify_pool = match NotifyPool::start(
+        Arc::new(FuseNotifier(session.notifier())),
+        1,
+        4096,
+        metrics.clone(),
+    ) {
+        Ok(pool) => Some(pool),
+        Err(e) => {
+            warn!(error = %e, "cannot start the notify pool; kernel caches are never invalidated");
+            None
+        }
+    };
     readiness.mounted.store(true, Ordering::Relaxed);
     metrics.mounted.set(1);
     registry.register_collector(Box::new(ScrapeCollector {
@@ -452,5 +467,29 @@ pub fn fsck(data_dir: &Path, repair: bool) -> Result<(), Failure> {
             4,
             "problems found (run with --repair to fix them)",
         )),
+    }
+}
+
+/// Sends invalidations through fuser's notifier (used only from the notify pool's threads).
+struct FuseNotifier(fuser::Notifier);
+
+impl KernelNotifier for FuseNotifier {
+    fn notify(&self, inv: &Invalidation) -> std::io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        match inv {
+            Invalidation::Entry { parent, name } => self
+                .0
+                .inval_entry(fuser::INodeNo(parent.0), std::ffi::OsStr::from_bytes(name)),
+            Invalidation::Delete {
+                parent,
+                child,
+                name,
+            } => self.0.delete(
+                fuser::INodeNo(parent.0),
+                fuser::INodeNo(child.0),
+                std::ffi::OsStr::from_bytes(name),
+            ),
+            Invalidation::Inode { ino } => self.0.inval_inode(fuser::INodeNo(ino.0), 0, 0),
+        }
     }
 }

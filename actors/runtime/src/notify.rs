@@ -10,6 +10,8 @@ use std::sync::Arc;
 use spoolfs_core::Ino;
 use tracing::{debug, warn};
 
+use crate::metrics::Metrics;
+
 /// One cache invalidation for the kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalidation {
@@ -39,16 +41,24 @@ impl NotifyPool {
         notifier: Arc<dyn KernelNotifier>,
         threads: usize,
         capacity: usize,
+        metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
         let (tx, rx) = flume::bounded::<Invalidation>(capacity);
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let notifier = notifier.clone();
+            let metrics = metrics.clone();
             std::thread::Builder::new()
                 .name(format!("spoolfs-notify-{i}"))
                 .spawn(move || {
                     for inv in rx.iter() {
-                        match notifier.notify(&inv) {
+                        let started = std::time::Instant::now();
+                        let result = notifier.notify(&inv);
+                        metrics
+                            .notify_duration
+                            .observe(started.elapsed().as_secs_f64());
+                        crate::metrics::set(&metrics.notify_queue_depth, rx.len() as u64);
+                        match result {
                             Ok(()) => debug!(?inv, "invalidation sent"),
                             // ENOENT: the kernel no longer caches it, which is what we wanted.
                             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
@@ -66,7 +76,60 @@ impl NotifyPool {
         self.tx.try_send(inv).is_ok()
     }
 
+    /// A cloneable sender for whoever produces invalidations (on a single node nothing
+    /// changes behind the kernel's back; replication will apply remote changes through it).
+    pub fn sender(&self) -> flume::Sender<Invalidation> {
+        self.tx.clone()
+    }
+
     pub fn queue_depth(&self) -> usize {
         self.tx.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what it was asked to send and from which thread.
+    struct Recorder(flume::Sender<(Invalidation, std::thread::ThreadId)>);
+
+    impl KernelNotifier for Recorder {
+        fn notify(&self, inv: &Invalidation) -> std::io::Result<()> {
+            let _ = self.0.send((inv.clone(), std::thread::current().id()));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn invalidations_are_sent_from_pool_threads_in_order() {
+        let (tx, rx) = flume::unbounded();
+        let mut registry = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(Metrics::new(&mut registry));
+        let pool =
+            NotifyPool::start(Arc::new(Recorder(tx)), 1, 16, metrics.clone()).expect("start pool");
+        let sent = vec![
+            Invalidation::Inode { ino: Ino(5) },
+            Invalidation::Entry {
+                parent: Ino(1),
+                name: b"a".to_vec(),
+            },
+            Invalidation::Delete {
+                parent: Ino(1),
+                child: Ino(7),
+                name: b"b".to_vec(),
+            },
+        ];
+        for inv in &sent {
+            assert!(pool.send(inv.clone()));
+        }
+        let me = std::thread::current().id();
+        for want in sent {
+            let (got, thread) = rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .expect("invalidation delivered");
+            assert_eq!(got, want);
+            assert_ne!(thread, me, "sent from the caller's thread");
+        }
     }
 }
