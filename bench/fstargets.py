@@ -190,6 +190,14 @@ class Spoolfs:
             if time.monotonic() > deadline:
                 raise RuntimeError("spoolfs mount did not come up in 60 s")
             time.sleep(0.02)
+        try:  # the data dir lock names the daemon: it must be the process we measure
+            with open(os.path.join(self.data_dir, "spoolfs.lock")) as f:
+                locked = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            locked = None
+        if locked != self.proc.pid:
+            self.log(f"warning: {self.data_dir}/spoolfs.lock names PID {locked}, "
+                     f"not the daemon {self.proc.pid}")
         self.cpu_base = proc_cpu_seconds(self.proc.pid)
         self.log(f"spoolfs mounted for {workload}: pid {self.proc.pid}, data dir {self.data_dir}")
 

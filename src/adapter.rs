@@ -28,11 +28,13 @@ const MAX_WRITE: u32 = 1 << 20;
 
 pub struct Adapter {
     actor: ActorHandle,
-    metrics: Arc<Metrics>,
+    /// `None` with `--metrics-addr off`: nobody can read them, so nothing is recorded (this
+    /// is also how the cost of recording is measured).
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Adapter {
-    pub fn new(actor: ActorHandle, metrics: Arc<Metrics>) -> Self {
+    pub fn new(actor: ActorHandle, metrics: Option<Arc<Metrics>>) -> Self {
         Adapter { actor, metrics }
     }
 
@@ -42,12 +44,20 @@ impl Adapter {
         op: Op,
         reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static,
     ) {
+        let received = Instant::now();
+        let Some(metrics) = self.metrics.clone() else {
+            self.actor.send(Msg {
+                caller: caller(req),
+                op,
+                reply: Box::new(reply),
+                queued: received,
+            });
+            return;
+        };
         // Per-request metrics: handles are indexed by operation, so this is a few atomics.
         let index = op.index();
         let name = op.name();
-        let metrics = self.metrics.clone();
         metrics.in_flight.inc();
-        let received = Instant::now();
         let reply = move |r: Result<Reply, Errno>| {
             metrics.in_flight.dec();
             if let Some(m) = metrics.op(index) {
@@ -60,16 +70,20 @@ impl Adapter {
             reply(r);
         };
         self.actor.send(Msg {
-            caller: Caller {
-                unique: req.unique().0,
-                uid: req.uid(),
-                gid: req.gid(),
-                pid: req.pid(),
-            },
+            caller: caller(req),
             op,
             reply: Box::new(reply),
             queued: received,
         });
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        unique: req.unique().0,
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
     }
 }
 

@@ -161,7 +161,7 @@ fn run(
     };
     let acl = session_config.acl;
     let session = match Session::from_fd(
-        Adapter::new(actor, metrics.clone()),
+        Adapter::new(actor, (args.metrics_addr != "off").then(|| metrics.clone())),
         fd,
         acl,
         session_config,
