@@ -19,9 +19,13 @@ use spoolfs_runtime::metrics::Metrics;
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
 use tracing::warn;
 
-/// How long the kernel may cache entries and attributes. Zero: every lookup and stat asks
-/// the actor, so nothing stale can ever be shown.
-const TTL: Duration = Duration::ZERO;
+/// How long the kernel may cache entries and attributes. On a single node every change
+/// reaches the filesystem through this kernel, which updates or drops its own cached entries
+/// and attributes for the inodes and directories an operation touches (unlink, rename, link,
+/// setattr, write), so cached state cannot go stale; pjdfstest's ctime/nlink checks run with
+/// this value. Changes applied from elsewhere (replication) must invalidate through the
+/// notify pool.
+const TTL: Duration = Duration::from_secs(1);
 
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
