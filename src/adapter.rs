@@ -27,6 +27,12 @@ use tracing::warn;
 /// notify pool.
 const TTL: Duration = Duration::from_secs(1);
 
+/// Keep the kernel's page cache of a file across opens. As with the TTL above: on a single
+/// node all content changes pass through this kernel's page cache (writes, truncates, hole
+/// punches), so cached pages cannot be stale; remote changes will go through
+/// `notify_inval_inode` from the notify pool.
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE;
+
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -229,7 +235,7 @@ fn data_reply(reply: ReplyData) -> impl FnOnce(Result<Reply, Errno>) + Send {
 
 fn open_reply(reply: ReplyOpen) -> impl FnOnce(Result<Reply, Errno>) + Send {
     move |r| match r {
-        Ok(Reply::Opened(f)) => reply.opened(FileHandle(f.0), FopenFlags::empty()),
+        Ok(Reply::Opened(f)) => reply.opened(FileHandle(f.0), OPEN_FLAGS),
         Ok(other) => reply.error(mismatch("open", &other)),
         Err(e) => reply.error(errno(e)),
     }
@@ -674,7 +680,7 @@ impl Filesystem for Adapter {
                 &file_attr(&i),
                 Generation(0),
                 FileHandle(f.0),
-                FopenFlags::empty(),
+                OPEN_FLAGS,
             ),
             Ok(other) => reply.error(mismatch("create", &other)),
             Err(e) => reply.error(errno(e)),

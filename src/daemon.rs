@@ -150,6 +150,9 @@ fn run(
         },
     );
 
+    // Take over SIGTERM/SIGINT before the mount appears: a stop that arrives while mounting
+    // must still end in a clean unmount, not a dead mountpoint.
+    spawn_signal_handler(&runtime, mnt.to_path_buf(), readiness.clone());
     let fd = mount::mount_fuse(data_dir, mnt, opts)?;
     let mut session_config = Config::default();
     session_config.n_threads = Some(args.fuse_threads.max(1));
@@ -200,9 +203,6 @@ fn run(
     if let Some(addr) = metrics_addr(&args.metrics_addr)? {
         http::spawn(&runtime, addr, Arc::new(registry), readiness.clone());
     }
-    // Handle SIGTERM before anyone can learn the mount is ready (a stop right after start
-    // must still unmount cleanly).
-    spawn_signal_handler(&runtime, mnt.to_path_buf(), readiness.clone());
     if is_child {
         announce_ready();
     }
@@ -211,6 +211,16 @@ fn run(
 
     if let Err(e) = session.run() {
         error!(error = %e, "FUSE session ended with an error");
+    }
+    // Unmounting takes the mount out of the table before the session ends; still listed
+    // means the connection was cut under it (`spoolfs abort`, fusectl).
+    let source = data_dir.to_string_lossy();
+    if mount::mount_at(mnt).is_some_and(|m| m.fs_type == "fuse.spoolfs" && m.source == source) {
+        warn!(
+            mountpoint = %mnt.display(),
+            "FUSE connection aborted (not unmounted): the mountpoint stays dead \
+             (ENOTCONN) until `spoolfs umount --lazy`"
+        );
     }
     readiness.stopping.store(true, Ordering::Relaxed);
     metrics.mounted.set(0);
@@ -243,21 +253,27 @@ fn spawn_signal_handler(
     mnt: std::path::PathBuf,
     readiness: Arc<Readiness>,
 ) {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Registered here, synchronously: from now on the signals no longer kill the process.
+    let _guard = runtime.enter();
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("cannot install signal handlers; stop with `spoolfs umount`");
+        return;
+    };
     runtime.spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            warn!("cannot install signal handlers; stop with `spoolfs umount`");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => info!("SIGTERM: unmounting"),
             _ = int.recv() => info!("SIGINT: unmounting"),
         }
         readiness.stopping.store(true, Ordering::Relaxed);
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        // A signal during mounting: wait until the mount is there to take it down.
+        while !readiness.mounted.load(Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         match mount::unmount(&mnt, false) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) => {
@@ -323,6 +339,67 @@ pub fn umount(mountpoint: &Path, lazy: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `spoolfs abort`: cut the kernel's FUSE connection of the mount (fusectl's `abort` knob),
+/// as a last resort for a mount that hangs. Every waiting and future request fails with
+/// ENOTCONN; the daemon sees the connection gone, makes its final commit and exits. The
+/// mountpoint stays dead until `spoolfs umount --lazy`; data closed or fsynced before is kept.
+pub fn abort(mountpoint: &Path) -> Result<(), Failure> {
+    // Lexical, no stat(): aborting is for mounts that may hang.
+    let abs = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
+    let Some(entry) = mount::mount_at(&abs) else {
+        return Err(fail(format!("{}: not mounted", abs.display())));
+    };
+    if entry.fs_type != "fuse.spoolfs" {
+        return Err(fail(format!(
+            "{}: not a spoolfs mount ({} from {})",
+            abs.display(),
+            entry.fs_type,
+            entry.source
+        )));
+    }
+    let Some(knob) = fusectl_file(entry.dev, "abort") else {
+        return Err(fail(format!(
+            "{}: no fusectl connection for device {}:{} under {FUSECTL} (is fusectl mountable?)",
+            abs.display(),
+            entry.dev.0,
+            entry.dev.1
+        )));
+    };
+    let data_dir = Path::new(&entry.source);
+    let was_running = mount::lock_holder(data_dir).is_some();
+    std::fs::write(&knob, b"1").map_err(|e| {
+        fail(format!(
+            "{}: cannot write {}: {e}",
+            abs.display(),
+            knob.display()
+        ))
+    })?;
+    // Wait for the daemon to notice, make its last commit and release the data dir.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(pid) = mount::lock_holder(data_dir) {
+        if Instant::now() > deadline {
+            return Err(fail(format!(
+                "{}: connection aborted, but daemon {pid} still holds {} after 30 s",
+                abs.display(),
+                data_dir.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "{}: connection aborted, {}; the mountpoint stays dead (ENOTCONN) until \
+         `spoolfs umount --lazy {}`",
+        abs.display(),
+        if was_running {
+            "daemon committed and exited"
+        } else {
+            "no daemon was running"
+        },
+        abs.display()
+    );
+    Ok(())
+}
+
 /// `spoolfs status`: LSB exit codes (0 running and ready, 1 dead, 3 not running).
 pub fn status(mountpoint: &Path) -> Result<(), Failure> {
     // Lexical, no stat(): a wedged mount must not hang the command meant to clear it.
@@ -381,15 +458,20 @@ fn metrics_addr(arg: &str) -> Result<Option<std::net::SocketAddr>, Failure> {
 const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// The fusectl file with the kernel's count of waiting requests for the mount at `mnt`.
-/// The connection's directory is named after the mount's device number; fusectl is mounted
-/// if it is not yet.
 fn fusectl_waiting_path(mnt: &Path) -> Option<std::path::PathBuf> {
-    // Read the device from mountinfo: a stat() of the mountpoint would wait for this very
-    // daemon, which is not serving requests yet.
-    let (major, minor) = mount::mount_at(mnt)?.dev;
+    fusectl_file(mount::mount_at(mnt)?.dev, "waiting")
+}
+
+/// The file `name` (`waiting`, `abort`, ...) of the fusectl connection directory of the FUSE
+/// mount with device number `dev` (from mountinfo). The directory is named after the
+/// device number; fusectl is mounted if it is not yet.
+fn fusectl_file(dev: (u32, u32), name: &str) -> Option<std::path::PathBuf> {
+    // The device comes from mountinfo: a stat() of the mountpoint would wait for the daemon
+    // (not serving requests yet at startup, or wedged when it is to be aborted).
+    let (major, minor) = dev;
     // The kernel's internal dev_t: major in the high 12 bits, minor in the low 20.
     let id = (u64::from(major) << 20) | u64::from(minor);
-    let path = Path::new(FUSECTL).join(id.to_string()).join("waiting");
+    let path = Path::new(FUSECTL).join(id.to_string()).join(name);
     if !path.exists() {
         let _ = nix::mount::mount(
             Some("fusectl"),
