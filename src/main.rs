@@ -42,6 +42,10 @@ enum Command {
         lazy: bool,
         mountpoint: PathBuf,
     },
+    /// Cut the kernel's FUSE connection of a hanging spoolfs mount (fusectl abort): requests
+    /// fail with ENOTCONN, the daemon commits and exits, the mount stays dead until
+    /// `umount --lazy`.
+    Abort { mountpoint: PathBuf },
     /// Ask the daemon serving MOUNTPOINT how it is. Exit 0 ready, 1 dead mount, 3 not running.
     Status { mountpoint: PathBuf },
     /// Check a data dir offline (not while mounted). fsck(8) exit codes: 0 clean,
@@ -82,6 +86,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => daemon::mount(args, cli.log_format),
         Command::Umount { lazy, mountpoint } => daemon::umount(&mountpoint, lazy),
         Command::Status { mountpoint } => daemon::status(&mountpoint),
+        Command::Abort { mountpoint } => daemon::abort(&mountpoint),
         Command::Fsck { repair, data_dir } => daemon::fsck(&data_dir, repair),
     };
     match result {
@@ -108,7 +113,16 @@ fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
     let is_subcommand = matches!(
         first.as_deref(),
         Some(
-            "mount" | "umount" | "status" | "fsck" | "help" | "--help" | "-h" | "--version" | "-V"
+            "mount"
+                | "umount"
+                | "status"
+                | "fsck"
+                | "abort"
+                | "help"
+                | "--help"
+                | "-h"
+                | "--version"
+                | "-V"
         )
     );
     let looks_like_paths = args.len() >= 3 && first.as_deref().is_some_and(|f| !f.starts_with('-'));
