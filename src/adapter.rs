@@ -121,6 +121,11 @@ fn system_time(t: Timestamp) -> SystemTime {
     }
 }
 
+/// `-secs` as an i64, saturating (so 2^63 s before the epoch is i64::MIN, not MIN + 1).
+fn neg_secs(secs: u64) -> i64 {
+    i64::try_from(-i128::from(secs)).unwrap_or(i64::MIN)
+}
+
 fn timestamp(t: SystemTime) -> Timestamp {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => Timestamp::new(
@@ -130,11 +135,13 @@ fn timestamp(t: SystemTime) -> Timestamp {
         Err(before) => {
             // Before the epoch: floor to whole seconds plus a positive nanosecond part.
             let d = before.duration();
-            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
             if d.subsec_nanos() == 0 {
-                Timestamp::new(-secs, 0)
+                Timestamp::new(neg_secs(d.as_secs()), 0)
             } else {
-                Timestamp::new(-secs - 1, 1_000_000_000 - d.subsec_nanos())
+                Timestamp::new(
+                    neg_secs(d.as_secs()).saturating_sub(1),
+                    1_000_000_000 - d.subsec_nanos(),
+                )
             }
         }
     }
@@ -150,8 +157,7 @@ fn request_timestamp(t: SystemTime) -> Timestamp {
         Ok(_) => timestamp(t),
         Err(before) => {
             let d = before.duration();
-            let secs = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
-            Timestamp::new(-secs, d.subsec_nanos())
+            Timestamp::new(neg_secs(d.as_secs()), d.subsec_nanos())
         }
     }
 }

@@ -55,11 +55,9 @@ mounts=()  # every mountpoint we mount on, unmounted (lazily) on exit
 child=     # pid of the running fsx, stopped on exit
 testsub=   # in DIR mode: our subdirectory of DIR, removed on exit
 
-# Looks in the mount table only: unlike mountpoint(1) it neither hangs on a
-# stuck FUSE daemon nor misses a mount whose daemon died (ENOTCONN).
-is_mounted() {
-    findmnt -rn -o TARGET | grep -Fx -- "$1" >/dev/null
-}
+name=fsx
+# shellcheck source=../lib/spoolfs.sh
+source "$repo/tests/lib/spoolfs.sh"
 
 # shellcheck disable=SC2317 # (only reached through the trap)
 cleanup() {
@@ -97,25 +95,10 @@ if [[ $# -eq 1 ]]; then
     testdir=$testsub
 else
     [[ $(id -u) -eq 0 ]] || die "must run as root to mount spoolfs"
-    [[ -x $SPOOLFS_BIN ]] ||
-        die "spoolfs binary not found at $SPOOLFS_BIN (cargo build --release, or set SPOOLFS_BIN)"
     data=$work/data
     mnt=$work/mnt
     mkdir "$data" "$mnt"
-    mount_opts=()
-    if [[ -n ${SPOOLFS_MOUNT_OPTS:-} ]]; then
-        mount_opts=(-o "$SPOOLFS_MOUNT_OPTS")
-    fi
-    mounts+=("$mnt") # registered first, so that a half-done mount is cleaned up
-    echo "fsx: mounting spoolfs: $SPOOLFS_BIN mount ${mount_opts[*]} $data $mnt"
-    # Output goes to a file: the daemonized spoolfs may keep stdout/stderr
-    # open, which would make a pipe (or CI's log capture) wait for it.
-    if ! timeout 60 "$SPOOLFS_BIN" mount "${mount_opts[@]}" "$data" "$mnt" \
-        </dev/null >"$logdir/spoolfs.log" 2>&1; then
-        cat "$logdir/spoolfs.log" >&2
-        die "spoolfs mount failed"
-    fi
-    is_mounted "$mnt" || die "spoolfs mount returned but $mnt is not a mountpoint"
+    mount_spoolfs "$data" "$mnt"
     testdir=$mnt
 fi
 
@@ -181,24 +164,8 @@ fi
 
 # --- unmount -----------------------------------------------------------------
 
-if [[ -n $mnt ]]; then
-    # A clean unmount is part of the test; the EXIT trap lazily unmounts
-    # whatever is left if this fails.
-    if ! timeout 60 "$SPOOLFS_BIN" umount "$mnt" </dev/null >>"$logdir/spoolfs.log" 2>&1; then
-        echo "fsx: error: spoolfs umount $mnt failed:" >&2
-        tail -n 20 "$logdir/spoolfs.log" >&2
-        ok=0
-    elif is_mounted "$mnt"; then
-        echo "fsx: error: $mnt still mounted after spoolfs umount" >&2
-        ok=0
-    # The state the suite left behind must pass the offline check.
-    elif ! "$SPOOLFS_BIN" fsck "$data" >"$logdir/fsck.log" 2>&1; then
-        echo "fsx: error: spoolfs fsck found problems after the run:" >&2
-        tail -n 20 "$logdir/fsck.log" >&2
-        ok=0
-    else
-        echo "fsx: fsck: $(tail -n 1 "$logdir/fsck.log")"
-    fi
+if [[ -n $mnt ]] && ! unmount_and_fsck "$data" "$mnt"; then
+    ok=0
 fi
 
 echo "fsx: full log: $log"

@@ -60,11 +60,9 @@ chmod 0755 "$work"
 mounts=() # every mountpoint we mount on, unmounted (lazily) on exit
 child=    # pid of the running test suite, stopped on exit
 
-# Looks in the mount table only: unlike mountpoint(1) it neither hangs on a
-# stuck FUSE daemon nor misses a mount whose daemon died (ENOTCONN).
-is_mounted() {
-    findmnt -rn -o TARGET | grep -Fx -- "$1" >/dev/null
-}
+name=pjdfstest
+# shellcheck source=../lib/spoolfs.sh
+source "$repo/tests/lib/spoolfs.sh"
 
 # shellcheck disable=SC2317 # (only reached through the trap)
 cleanup() {
@@ -106,25 +104,10 @@ if [[ $# -eq 1 ]]; then
     [[ -d $1 ]] || die "$1 is not a directory"
     testdir=$(realpath "$1")
 else
-    [[ -x $SPOOLFS_BIN ]] ||
-        die "spoolfs binary not found at $SPOOLFS_BIN (cargo build --release, or set SPOOLFS_BIN)"
     data=$work/data
     mnt=$work/mnt
     mkdir -m 0755 "$data" "$mnt"
-    mount_opts=()
-    if [[ -n ${SPOOLFS_MOUNT_OPTS:-} ]]; then
-        mount_opts=(-o "$SPOOLFS_MOUNT_OPTS")
-    fi
-    mounts+=("$mnt") # registered first, so that a half-done mount is cleaned up
-    echo "pjdfstest: mounting spoolfs: $SPOOLFS_BIN mount ${mount_opts[*]} $data $mnt"
-    # Output goes to a file: the daemonized spoolfs may keep stdout/stderr
-    # open, which would make a pipe (or CI's log capture) wait for it.
-    if ! timeout 60 "$SPOOLFS_BIN" mount "${mount_opts[@]}" "$data" "$mnt" \
-        </dev/null >"$logdir/spoolfs.log" 2>&1; then
-        cat "$logdir/spoolfs.log" >&2
-        die "spoolfs mount failed"
-    fi
-    is_mounted "$mnt" || die "spoolfs mount returned but $mnt is not a mountpoint"
+    mount_spoolfs "$data" "$mnt"
     testdir=$mnt
 fi
 
@@ -223,24 +206,8 @@ echo "pjdfstest: $skipped tests skipped (see log for reasons), took ${elapsed}s"
 
 # --- unmount -----------------------------------------------------------------
 
-if [[ -n $mnt ]]; then
-    # A clean unmount is part of the test; the EXIT trap lazily unmounts
-    # whatever is left if this fails.
-    if ! timeout 60 "$SPOOLFS_BIN" umount "$mnt" </dev/null >>"$logdir/spoolfs.log" 2>&1; then
-        echo "pjdfstest: error: spoolfs umount $mnt failed:" >&2
-        tail -n 20 "$logdir/spoolfs.log" >&2
-        errors=1
-    elif is_mounted "$mnt"; then
-        echo "pjdfstest: error: $mnt still mounted after spoolfs umount" >&2
-        errors=1
-    # The state the suite left behind must pass the offline check.
-    elif ! "$SPOOLFS_BIN" fsck "$data" >"$logdir/fsck.log" 2>&1; then
-        echo "pjdfstest: error: spoolfs fsck found problems after the run:" >&2
-        tail -n 20 "$logdir/fsck.log" >&2
-        errors=1
-    else
-        echo "pjdfstest: fsck: $(tail -n 1 "$logdir/fsck.log")"
-    fi
+if [[ -n $mnt ]] && ! unmount_and_fsck "$data" "$mnt"; then
+    errors=1
 fi
 
 echo "pjdfstest: full log: $log"

@@ -1022,7 +1022,8 @@ impl Fs {
     /// Namespaces we store. `system.` (POSIX ACLs) is not supported: ACLs would have to be
     /// enforced, and the kernel does that only for filesystems that declare ACL support.
     fn check_xattr_name(&self, inode: &Inode, name: &[u8]) -> FsResult<()> {
-        if name.is_empty() {
+        // A bare namespace prefix names nothing (EINVAL, as ext4 and tmpfs answer).
+        if name.is_empty() || matches!(name, b"user." | b"trusted." | b"security.") {
             return Err(Errno::EINVAL);
         }
         if name.len() > self.limits.xattr_name_max {
@@ -1074,7 +1075,8 @@ impl Fs {
 
     pub fn getxattr(&mut self, s: &mut impl Store, ino: Ino, name: &[u8]) -> FsResult<Vec<u8>> {
         let inode = self.get(s, ino)?;
-        if name.is_empty() {
+        // A bare namespace prefix names nothing (EINVAL, as ext4 and tmpfs answer).
+        if name.is_empty() || matches!(name, b"user." | b"trusted." | b"security.") {
             return Err(Errno::EINVAL);
         }
         if name.len() > self.limits.xattr_name_max {
