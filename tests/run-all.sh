@@ -44,6 +44,8 @@ step fmt cargo fmt --all -- --check
 step clippy cargo clippy --workspace --all-targets -- -D warnings
 step build cargo build --release --workspace
 step cargo-test cargo test --release --workspace
+# A short fuzz run of the core (operation sequences) and the inode codec; see fuzz/run.sh.
+step fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash fuzz/run.sh
 step pjdfstest bash tests/pjdfstest/run.sh
 step fsx bash tests/fsx/run.sh
 step monitoring bash tests/monitoring/run.sh
