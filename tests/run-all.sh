@@ -48,6 +48,7 @@ step cargo-test cargo test --release --workspace
 step fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash fuzz/run.sh
 step pjdfstest bash tests/pjdfstest/run.sh
 step fsx bash tests/fsx/run.sh
+step stress bash tests/stress/run.sh
 step monitoring bash tests/monitoring/run.sh
 
 echo
