@@ -106,18 +106,24 @@ impl Options {
     }
 }
 
-fn mountinfo_unescape(s: &str) -> PathBuf {
-    // mountinfo escapes space, tab, newline and backslash as \ooo (octal).
+fn mountinfo_unescape(b: &[u8]) -> PathBuf {
+    // mountinfo escapes space, tab, newline and backslash as \ooo (octal). Paths are bytes:
+    // nothing here assumes UTF-8.
     use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
-                out.push(v);
-                i += 4;
-                continue;
+            let digits = &b[i + 1..i + 4];
+            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
+                let v = digits
+                    .iter()
+                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
             }
         }
         out.push(b[i]);
@@ -137,25 +143,27 @@ pub struct MountEntry {
 }
 
 pub fn mounts() -> std::io::Result<Vec<MountEntry>> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Bytes, not a String: a mount path need not be UTF-8.
+    let text = std::fs::read("/proc/self/mountinfo")?;
     let mut out = Vec::new();
-    for line in text.lines() {
+    for line in text.split(|c| *c == b'\n') {
         // id parent major:minor root mount_point options [optional...] - fstype source super
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(dash) = fields.iter().position(|f| *f == "-") else {
+        let fields: Vec<&[u8]> = line.split(|c| *c == b' ').collect();
+        let Some(dash) = fields.iter().position(|f| *f == b"-") else {
             continue;
         };
         if fields.len() < 5 || fields.len() < dash + 3 {
             continue;
         }
-        let dev = fields[2]
-            .split_once(':')
+        let dev = std::str::from_utf8(fields[2])
+            .ok()
+            .and_then(|d| d.split_once(':'))
             .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
             .unwrap_or((0, 0));
         out.push(MountEntry {
             dev,
             mount_point: mountinfo_unescape(fields[4]),
-            fs_type: fields[dash + 1].to_string(),
+            fs_type: String::from_utf8_lossy(fields[dash + 1]).into_owned(),
             source: mountinfo_unescape(fields[dash + 2])
                 .to_string_lossy()
                 .into_owned(),
@@ -366,4 +374,16 @@ pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
         MntFlags::empty()
     };
     umount2(mnt, flags)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mountinfo_unescape;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped_as_bytes() {
+        let p = mountinfo_unescape(b"/a\\040b/\\134/\xff\\9");
+        assert_eq!(p.as_os_str().as_bytes(), b"/a b/\\/\xff\\9");
+    }
 }
