@@ -310,6 +310,21 @@ impl Fs {
 
     // --- creating entries -----------------------------------------------------------------
 
+    /// The directory `parent` if `name` can be created in it: a valid new name, a directory
+    /// that still exists, no entry of that name yet.
+    fn dir_for_new_entry(&self, s: &mut impl Store, parent: Ino, name: &[u8]) -> FsResult<Inode> {
+        let dir = self.get_dir(s, parent)?;
+        check_new_name(&self.limits, name)?;
+        if dir.nlink == 0 {
+            // The directory was removed while a process still had it as its cwd.
+            return Err(Errno::ENOENT);
+        }
+        if s.dentry(parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        Ok(dir)
+    }
+
     /// Common part of mknod, mkdir, symlink and create: check the name, build the inode with
     /// setgid inheritance, link it into `parent`.
     #[allow(clippy::too_many_arguments)]
@@ -324,15 +339,7 @@ impl Fs {
         rdev: u32,
         new_ino: Ino,
     ) -> FsResult<Inode> {
-        let mut dir = self.get_dir(s, parent)?;
-        check_new_name(&self.limits, name)?;
-        if dir.nlink == 0 {
-            // The directory was removed while a process still had it as its cwd.
-            return Err(Errno::ENOENT);
-        }
-        if s.dentry(parent, name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
+        let mut dir = self.dir_for_new_entry(s, parent, name)?;
         if s.inode(new_ino)?.is_some() {
             // The runtime hands out fresh numbers; a collision means a corrupt counter.
             return Err(Errno::EIO);
@@ -459,16 +466,9 @@ impl Fs {
         new_name: &[u8],
     ) -> FsResult<Inode> {
         let mut inode = self.get(s, ino)?;
-        let mut dir = self.get_dir(s, new_parent)?;
-        check_new_name(&self.limits, new_name)?;
         // The new name is checked before the source, as linkat(2) does (filename_create,
         // then vfs_link): linking a directory onto an existing name is EEXIST, not EPERM.
-        if dir.nlink == 0 {
-            return Err(Errno::ENOENT);
-        }
-        if s.dentry(new_parent, new_name)?.is_some() {
-            return Err(Errno::EEXIST);
-        }
+        let mut dir = self.dir_for_new_entry(s, new_parent, new_name)?;
         if inode.kind == Kind::Dir {
             return Err(Errno::EPERM);
         }
