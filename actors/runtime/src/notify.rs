@@ -102,12 +102,12 @@ mod tests {
     }
 
     #[test]
-    fn invalidations_are_sent_from_pool_threads_in_order() {
+    fn invalidations_are_sent_from_pool_threads_in_order() -> Result<(), Box<dyn std::error::Error>>
+    {
         let (tx, rx) = flume::unbounded();
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let pool =
-            NotifyPool::start(Arc::new(Recorder(tx)), 1, 16, metrics.clone()).expect("start pool");
+        let pool = NotifyPool::start(Arc::new(Recorder(tx)), 1, 16, metrics.clone())?;
         let sent = vec![
             Invalidation::Inode { ino: Ino(5) },
             Invalidation::Entry {
@@ -125,11 +125,10 @@ mod tests {
         }
         let me = std::thread::current().id();
         for want in sent {
-            let (got, thread) = rx
-                .recv_timeout(std::time::Duration::from_secs(5))
-                .expect("invalidation delivered");
+            let (got, thread) = rx.recv_timeout(std::time::Duration::from_secs(5))?;
             assert_eq!(got, want);
             assert_ne!(thread, me, "sent from the caller's thread");
         }
+        Ok(())
     }
 }
