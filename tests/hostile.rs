@@ -145,6 +145,15 @@ fn still_up(t: &TestFs, m: &MountGuard, group: &str) {
 /// thread spawning a child copies this process's descriptors into it until the child's exec
 /// closes them; on a loaded machine that takes long enough for the guard's own retry (which
 /// only retries while no holder is visible) to give up.
+/// The common end of a catalogue group: the daemon is still up and serving, every
+/// expectation held, the mount comes down cleanly, and the state passes fsck.
+fn end_group(t: &TestFs, m: MountGuard, c: Catalogue, group: &str, when: &str) {
+    still_up(t, &m, group);
+    c.finish();
+    umount(m);
+    t.assert_fsck_clean(when);
+}
+
 fn umount(m: MountGuard) {
     wait_until(Duration::from_secs(5), || {
         open_files_under(&m.mnt).is_empty()
@@ -751,10 +760,7 @@ fn names_are_bytes_not_utf8() {
     // And they can all be removed again.
     c.ok("rm -r", fs::remove_dir_all(&dir));
     c.ok("rm -r", fs::remove_dir_all(&sub));
-    still_up(&t, &m, "bytes-restart");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after non-UTF-8 names");
+    end_group(&t, m, c, "bytes-restart", "after non-UTF-8 names");
 }
 
 #[test]
@@ -1266,10 +1272,7 @@ fn xattr_namespaces_limits_and_node_kinds() {
         b"v".to_vec(),
     );
     c.ok("remove one", removexattr(&many, &names[0]));
-    still_up(&t, &m, "xattrs");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after xattrs");
+    end_group(&t, m, c, "xattrs", "after xattrs");
 }
 
 /// An xattr name that is only a namespace prefix ("user.") names nothing: every Linux
@@ -1554,10 +1557,7 @@ fn namespace_traps_dots_loops_and_file_parents() {
         "a/b/c/d gone".into()
     });
     drop(a);
-    still_up(&t, &m, "namespace");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after namespace traps");
+    end_group(&t, m, c, "namespace", "after namespace traps");
 }
 
 #[test]
@@ -1707,10 +1707,7 @@ fn unlinked_open_files_and_directories() {
         d.set_permissions(fs::Permissions::from_mode(0o700)),
     );
     drop(d);
-    still_up(&t, &m, "orphans");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after orphans");
+    end_group(&t, m, c, "orphans", "after orphans");
     let m = t.mount();
     let mut names: Vec<String> = fs::read_dir(&t.mnt)
         .expect("ls")
@@ -2025,10 +2022,7 @@ fn exclusive_create_races_have_exactly_one_winner() {
             || format!("winner {w}"),
         );
     }
-    still_up(&t, &m, "excl");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after O_EXCL races");
+    end_group(&t, m, c, "excl", "after O_EXCL races");
 }
 
 #[test]
@@ -2167,10 +2161,13 @@ fn readdir_of_a_directory_being_deleted() {
             Err(e) => c.check("lister", false, || e),
         }
     }
-    still_up(&t, &m, "readdir-race");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after deleting listed directories");
+    end_group(
+        &t,
+        m,
+        c,
+        "readdir-race",
+        "after deleting listed directories",
+    );
 }
 
 #[test]
@@ -2311,10 +2308,7 @@ fn deep_directory_nesting() {
     );
     c.ok("rm -r of 1000 levels", fs::remove_dir_all(t.path("deep")));
     c.ok("rm -r", fs::remove_dir_all(t.path("bottom")));
-    still_up(&t, &m, "deep-removed");
-    c.finish();
-    umount(m);
-    t.assert_fsck_clean("after removing deep trees");
+    end_group(&t, m, c, "deep-removed", "after removing deep trees");
 }
 
 /// Names of varied length and shape, so pages of the listing break in odd places.
