@@ -1,22 +1,22 @@
-//! The actor: the one thread that owns the database, the core's in-memory tables and the
-//! staging buffers.
+//! The actor: the one thread that owns all state (the pending changes over redb, the core's
+//! in-memory tables and the staging buffers).
 //!
-//! Group commit: the actor takes every request waiting in its queue (up to `max_batch`),
-//! applies them in one redb write transaction, and commits once. A batch that holds a barrier
-//! (FLUSH, fsync, fsyncdir; every mutation under `-o sync`; namespace changes under
-//! `-o dirsync`) is committed with `Durability::Immediate` on a tokio blocking task, and its
-//! replies are sent when that commit returns; meanwhile the actor keeps collecting the next
-//! batch, so N concurrent writers share one fsync. Other batches commit with
-//! `Durability::None` (no fsync), which redb makes durable with the next immediate commit:
-//! after a crash the database holds a prefix of the completed operations.
+//! Group commit as a pipeline: the actor takes every request waiting in its queue (up to
+//! `max_batch`) and applies them to the pending changes in memory (`spoolfs_store::Pending`),
+//! answering at once every request that does not ask for durability. A commit task writes the
+//! pending changes into redb with `Durability::Immediate`, one commit at a time, on a tokio
+//! blocking thread; whatever arrives while it runs goes into the next one. A barrier (FLUSH,
+//! fsync, fsyncdir; every mutation under `-o sync`; namespace changes under `-o dirsync`) is
+//! answered when a commit holding everything before it returns, so N concurrent writers share
+//! one fsync and the actor never waits for the disk. Nothing stays non-durable longer than
+//! `MAX_UNDURABLE`; commits land in order, so after a crash the database holds a prefix of the
+//! completed operations.
 
-use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableDatabase, WriteTransaction};
 use spoolfs_core::{Ctx, Errno, Fs, Ino, Limits, Timestamp};
-use spoolfs_store::{open_database, Tables, META_NEXT_INO};
+use spoolfs_store::{commit_delta, open_database, CommitFailure, Pending, Tables, META_NEXT_INO};
 use tracing::{debug, error, info, warn};
 
 use std::sync::Arc;
@@ -118,26 +118,50 @@ impl WeakActorHandle {
 }
 
 /// Longest time a completed operation may stay non-durable when nobody asks for durability.
-const MAX_UNDURABLE: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_UNDURABLE: Duration = Duration::from_secs(1);
 
-/// A durable commit running on a blocking task, with the replies that wait for it.
+/// Pending changes that start a commit without a barrier (keeps each commit's size and the
+/// memory held for it moderate).
+const SEAL_BYTES: usize = 16 << 20;
+
+/// Pending changes past which new data is refused while a commit is stuck or failing (the
+/// memory held in front of a slow or failed disk is bounded).
+const MAX_PENDING_BYTES: usize = 256 << 20;
+
+/// Longest a request waits for a durable commit before it is answered EIO. The commit keeps
+/// running; its changes stay pending and are retried, but the caller learns the disk is not
+/// keeping up instead of hanging (a hung disk must not hang every process using the mount).
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Pause before retrying a failed commit (after reopening the database).
+const RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// A reply held until the changes it depends on are durable, with when it started waiting.
+type Held = (Responder, Result<Reply, Errno>, Instant);
+
+/// The commit running on a blocking task, with the replies that wait for it.
 struct InFlight {
-    replies: Vec<(Responder, Result<Reply, Errno>)>,
+    replies: Vec<Held>,
+    started: Instant,
 }
 
 /// How a commit ended, and how long it took.
-type CommitResult = (Result<(), String>, std::time::Duration);
+type CommitResult = (Result<(), CommitFailure>, Duration);
 
 pub struct Actor {
     config: ActorConfig,
-    db: Database,
+    /// All state: changes pending in memory over the last commit's snapshot.
+    state: Pending,
     fs: Fs,
     cache: ContentCache,
     next_ino: u64,
-    /// Some commit since the last durable one was not durable.
-    undurable: bool,
-    /// When the oldest commit that is not yet durable was made.
+    /// Replies that wait for the commit after the one in flight.
+    waiting: Vec<Held>,
+    in_flight: Option<InFlight>,
+    /// When the oldest change that is not yet durable was made.
     undurable_since: Option<Instant>,
+    /// The last commit failed: no new commit before this instant.
+    retry_at: Option<Instant>,
     requests: u64,
     commits: u64,
     durable_commits: u64,
@@ -155,6 +179,14 @@ fn now() -> Timestamp {
         i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         d.subsec_nanos(),
     )
+}
+
+/// What woke the actor.
+enum Event {
+    Done(CommitResult),
+    Msg(Msg),
+    Closed,
+    Tick,
 }
 
 impl Actor {
@@ -198,17 +230,20 @@ impl Actor {
             }
             txn.commit().map_err(|e| prepare(e.to_string()))?;
         }
+        let state = Pending::new(db).map_err(|e| prepare(e.to_string()))?;
         let (tx, rx) = flume::bounded(config.queue_capacity);
         metrics::set(&metrics.queue_capacity, config.queue_capacity as u64);
         metrics::set(&metrics.memfd_budget_bytes, config.memfd_budget);
         let actor = Actor {
             cache: ContentCache::new(config.memfd_budget),
             config,
-            db,
+            state,
             fs,
             next_ino,
-            undurable: false,
+            waiting: Vec::new(),
+            in_flight: None,
             undurable_since: None,
+            retry_at: None,
             requests: 0,
             commits: 0,
             durable_commits: 0,
@@ -225,95 +260,240 @@ impl Actor {
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
         let (done_tx, done_rx) = flume::bounded::<CommitResult>(1);
-        let mut pending: VecDeque<Msg> = VecDeque::new();
-        let mut in_flight: Option<InFlight> = None;
         let mut open = true;
         loop {
-            if let Some(flight) = in_flight.take() {
-                // A durable commit is running: gather the next batch until it returns.
-                enum Event {
-                    Done(CommitResult),
-                    Msg(Msg),
-                    Closed,
-                }
-                let event = if open && pending.len() < self.config.max_batch {
-                    flume::Selector::new()
-                        .recv(&done_rx, |r| match r {
-                            Ok(r) => Event::Done(r),
-                            Err(_) => Event::Done(vanished()),
-                        })
-                        .recv(&rx, |r| match r {
-                            Ok(m) => Event::Msg(m),
-                            Err(_) => Event::Closed,
-                        })
-                        .wait()
-                } else {
-                    match done_rx.recv() {
-                        Ok(r) => Event::Done(r),
-                        Err(_) => Event::Done(vanished()),
-                    }
-                };
-                match event {
-                    Event::Done(result) => self.finish_durable(flight, result),
-                    Event::Msg(m) => {
-                        pending.push_back(m);
-                        in_flight = Some(flight);
-                    }
-                    Event::Closed => {
-                        open = false;
-                        in_flight = Some(flight);
-                    }
-                }
-                continue;
+            self.maybe_commit(&done_tx);
+            if !open && self.in_flight.is_none() {
+                break;
             }
-            if pending.is_empty() {
-                if !open {
-                    break;
-                }
-                // Idle with a commit that is not durable yet: wait no longer than the
-                // MAX_UNDURABLE bound, then make it durable without waiting for another
-                // request (else an idle mount keeps its last operations non-durable for
-                // ever, and a crash loses them however long ago they completed).
-                let received = match self.undurable_since {
-                    Some(since) => match rx.recv_deadline(since + MAX_UNDURABLE) {
-                        Err(flume::RecvTimeoutError::Timeout) => {
-                            in_flight = self.start_idle_durable_commit(&done_tx);
-                            continue;
+            let accept = open && !self.over_limit();
+            let mut selector = flume::Selector::new().recv(&done_rx, |r| match r {
+                Ok(r) => Event::Done(r),
+                Err(_) => Event::Done(vanished()),
+            });
+            if accept {
+                selector = selector.recv(&rx, |r| match r {
+                    Ok(m) => Event::Msg(m),
+                    Err(_) => Event::Closed,
+                });
+            }
+            let event = match self.next_deadline() {
+                Some(deadline) => selector.wait_deadline(deadline).unwrap_or(Event::Tick),
+                None => selector.wait(),
+            };
+            match event {
+                Event::Done(result) => self.finish_commit(result),
+                Event::Msg(m) => {
+                    let mut batch = vec![m];
+                    while batch.len() < self.config.max_batch {
+                        match rx.try_recv() {
+                            Ok(m) => batch.push(m),
+                            Err(_) => break,
                         }
-                        r => r.map_err(|_| ()),
-                    },
-                    None => rx.recv().map_err(|_| ()),
-                };
-                match received {
-                    Ok(m) => pending.push_back(m),
-                    Err(()) => {
-                        open = false;
-                        continue;
                     }
+                    self.apply_batch(batch);
                 }
+                Event::Closed => open = false,
+                Event::Tick => self.expire_waits(),
             }
-            while pending.len() < self.config.max_batch {
-                match rx.try_recv() {
-                    Ok(m) => pending.push_back(m),
-                    Err(_) => break,
-                }
-            }
-            let n = pending.len().min(self.config.max_batch);
-            let batch: Vec<Msg> = pending.drain(..n).collect();
-            in_flight = self.apply_batch(batch, &done_tx);
         }
         self.shutdown();
     }
 
+    /// Pending changes are past the memory bound and no commit is draining them: stop taking
+    /// requests until the commit returns (backpressure). A commit stuck past the timeout does
+    /// not count as draining, so requests keep being answered (mutations with EIO).
+    fn over_limit(&self) -> bool {
+        self.state.current().bytes() > MAX_PENDING_BYTES
+            && self
+                .in_flight
+                .as_ref()
+                .is_some_and(|f| f.started.elapsed() < COMMIT_TIMEOUT)
+    }
+
+    /// The next instant something is due: a forced commit, a retry, or a wait's timeout.
+    fn next_deadline(&self) -> Option<Instant> {
+        let oldest_wait = self
+            .in_flight
+            .as_ref()
+            .and_then(|f| f.replies.first())
+            .or(self.waiting.first())
+            .map(|(_, _, since)| *since + COMMIT_TIMEOUT);
+        let commit_due = if self.in_flight.is_some() {
+            None
+        } else {
+            match self.retry_at {
+                Some(at) => Some(at),
+                None => self.undurable_since.map(|t| t + MAX_UNDURABLE),
+            }
+        };
+        [oldest_wait, commit_due].into_iter().flatten().min()
+    }
+
+    /// Start a commit if one is due and none is running.
+    fn maybe_commit(&mut self, done_tx: &flume::Sender<CommitResult>) {
+        if self.in_flight.is_some() {
+            return;
+        }
+        if self.state.current().is_empty() {
+            // Everything answered so far is durable.
+            self.undurable_since = None;
+            for (reply, r, _) in self.waiting.drain(..) {
+                reply(r);
+            }
+            return;
+        }
+        if let Some(at) = self.retry_at {
+            if Instant::now() < at {
+                return;
+            }
+            if self.state.db().is_none() {
+                let path = self.config.data_dir.join(spoolfs_store::DB_FILE);
+                match self.state.reopen(&path) {
+                    Ok(()) => {
+                        info!(path = %path.display(), "database reopened; retrying the commit")
+                    }
+                    Err(e) => {
+                        error!(error = %e, path = %path.display(),
+                            "cannot reopen the database; retrying. Check the disk holding the data dir");
+                        self.retry_at = Some(Instant::now() + RETRY_DELAY);
+                        return;
+                    }
+                }
+            }
+        }
+        let due = !self.waiting.is_empty()
+            || self.retry_at.is_some()
+            || self.state.current().bytes() >= SEAL_BYTES
+            || self
+                .undurable_since
+                .is_some_and(|t| t.elapsed() >= MAX_UNDURABLE);
+        if !due {
+            return;
+        }
+        let Some((db, delta)) = self.state.seal() else {
+            return;
+        };
+        self.retry_at = None;
+        self.commits += 1;
+        let done = done_tx.clone();
+        self.runtime.spawn_blocking(move || {
+            let started = Instant::now();
+            // A panic inside redb must still answer the actor, which waits for this message.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_delta(&db, &delta)
+            }))
+            .unwrap_or_else(|_| {
+                Err(CommitFailure {
+                    message: "commit panicked".into(),
+                    no_space: false,
+                })
+            });
+            // Let go of the database before reporting, so the actor may reopen it.
+            drop(db);
+            drop(delta);
+            let _ = done.send((r, started.elapsed()));
+        });
+        self.in_flight = Some(InFlight {
+            replies: std::mem::take(&mut self.waiting),
+            started: Instant::now(),
+        });
+    }
+
+    fn finish_commit(&mut self, (result, took): CommitResult) {
+        let Some(flight) = self.in_flight.take() else {
+            return;
+        };
+        self.metrics.commit_duration.observe(metrics::secs(took));
+        self.metrics.commits_immediate.inc();
+        match result {
+            Ok(()) => {
+                self.durable_commits += 1;
+                if let Err(e) = self.state.committed() {
+                    // The commit is durable; only the new snapshot failed. Reading goes
+                    // through a reopen like after a failed commit.
+                    error!(error = %e, "cannot read the committed state; reopening the database");
+                    self.state.commit_failed();
+                    self.retry_at = Some(Instant::now());
+                }
+                if self.state.current().is_empty() {
+                    self.undurable_since = None;
+                } else {
+                    self.undurable_since = Some(Instant::now());
+                }
+                for (reply, r, _) in flight.replies {
+                    reply(r);
+                }
+            }
+            Err(e) => {
+                self.metrics.storage_errors.inc();
+                let errno = if e.no_space {
+                    Errno::ENOSPC
+                } else {
+                    Errno::EIO
+                };
+                error!(error = %e, data_dir = %self.config.data_dir.display(), errno = errno.name(),
+                    "commit failed: the changes stay pending and are retried; callers waiting for \
+                     durability get the error. Check the disk holding the data dir (space, I/O errors)");
+                self.state.commit_failed();
+                self.retry_at = Some(Instant::now() + RETRY_DELAY);
+                for (reply, _, _) in flight.replies {
+                    reply(Err(errno));
+                }
+            }
+        }
+        self.refresh_gauges();
+    }
+
+    /// Answer EIO to every reply that has waited for durability longer than the timeout.
+    fn expire_waits(&mut self) {
+        let expired = |since: &Instant| since.elapsed() >= COMMIT_TIMEOUT;
+        let mut late = Vec::new();
+        if let Some(flight) = &mut self.in_flight {
+            let (old, keep): (Vec<Held>, Vec<Held>) =
+                flight.replies.drain(..).partition(|h| expired(&h.2));
+            flight.replies = keep;
+            late.extend(old);
+        }
+        let (old, keep): (Vec<Held>, Vec<Held>) =
+            self.waiting.drain(..).partition(|h| expired(&h.2));
+        self.waiting = keep;
+        late.extend(old);
+        if !late.is_empty() {
+            self.metrics.storage_errors.inc();
+            error!(waiting = late.len(), timeout_s = COMMIT_TIMEOUT.as_secs(),
+                data_dir = %self.config.data_dir.display(),
+                "a durable commit did not finish in time: answering EIO; the changes stay pending. \
+                 Check the disk holding the data dir");
+            for (reply, _, _) in late {
+                reply(Err(Errno::EIO));
+            }
+        }
+    }
+
     /// Make everything durable before the thread ends (unmount, SIGTERM).
     fn shutdown(&mut self) {
-        if self.undurable {
-            match self.durable_empty_commit() {
+        if self.retry_at.is_some() && self.state.db().is_none() {
+            let path = self.config.data_dir.join(spoolfs_store::DB_FILE);
+            if let Err(e) = self.state.reopen(&path) {
+                error!(error = %e, "cannot reopen the database for the final commit");
+            }
+        }
+        let mut result = Ok(());
+        if !self.state.current().is_empty() {
+            result = match self.state.seal() {
+                Some((db, delta)) => commit_delta(&db, &delta).map_err(|e| e.to_string()),
+                None => Err("the database is closed".to_string()),
+            };
+            match &result {
                 Ok(()) => info!("final commit done"),
                 Err(e) => {
                     error!(error = %e, "final commit failed: the last operations may be lost")
                 }
             }
+        }
+        for (reply, r, _) in self.waiting.drain(..) {
+            reply(r.and_then(|r| result.clone().map(|()| r).map_err(|_| Errno::EIO)));
         }
         info!(
             requests = self.requests,
@@ -322,215 +502,85 @@ impl Actor {
         );
     }
 
-    /// An empty durable commit on the blocking pool, answering nobody: it makes the earlier
-    /// non-durable commits durable (see the idle wait in `run`).
-    fn start_idle_durable_commit(
-        &mut self,
-        done_tx: &flume::Sender<CommitResult>,
-    ) -> Option<InFlight> {
-        // On failure the next attempt comes one bound later, not in a tight loop.
-        self.undurable_since = Some(Instant::now());
-        match self.db.begin_write() {
-            Ok(txn) => self.commit_durable(txn, Vec::new(), done_tx),
-            Err(e) => {
-                error!(error = %e, "cannot begin the idle durable commit; retrying later");
-                None
-            }
-        }
-    }
-
-    fn durable_empty_commit(&mut self) -> Result<(), String> {
-        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())?;
-        self.undurable = false;
-        self.undurable_since = None;
-        Ok(())
-    }
-
-    fn finish_durable(&mut self, flight: InFlight, (result, took): CommitResult) {
-        self.metrics.commit_duration.observe(metrics::secs(took));
-        self.metrics.commits_immediate.inc();
-        self.refresh_gauges();
-        match result {
-            Ok(()) => {
-                self.undurable = false;
-                self.undurable_since = None;
-                self.durable_commits += 1;
-                for (reply, r) in flight.replies {
-                    reply(r);
-                }
-            }
-            Err(e) => {
-                error!(error = %e, data_dir = %self.config.data_dir.display(),
-                    "durable commit failed: answering EIO; check the disk holding the data dir");
-                for (reply, _) in flight.replies {
-                    reply(Err(Errno::EIO));
-                }
-            }
-        }
-    }
-
-    /// Apply a batch in one transaction. Returns the in-flight durable commit, if any.
-    fn apply_batch(
-        &mut self,
-        batch: Vec<Msg>,
-        done_tx: &flume::Sender<CommitResult>,
-    ) -> Option<InFlight> {
-        let txn = match self.db.begin_write() {
-            Ok(t) => t,
-            Err(e) => {
-                error!(error = %e, "cannot begin a transaction: answering EIO");
-                for m in batch {
-                    (m.reply)(Err(Errno::EIO));
-                }
-                return None;
-            }
-        };
+    /// Apply a batch to the pending state. Replies go out at once, except those that must
+    /// wait for durability (barriers; every mutation under `-o sync`).
+    fn apply_batch(&mut self, batch: Vec<Msg>) {
         let mut replies = Vec::with_capacity(batch.len());
-        let mut barrier = false;
-        let mut wrote = false;
         let mut failed = None;
         let start_ino = self.next_ino;
-        match Tables::open(&txn) {
-            Err(e) => failed = Some(e),
-            Ok(mut tables) => {
-                for m in batch {
-                    let started = Instant::now();
-                    self.metrics
-                        .queue_wait
-                        .observe(metrics::secs(started.saturating_duration_since(m.queued)));
-                    let stats = matches!(m.op, Op::Status).then(|| self.cache_stats());
-                    let space = matches!(m.op, Op::StatFs).then(|| space_of(&self.config.data_dir));
-                    let mut store = BatchStore::new(&mut tables, &mut self.cache);
-                    let needs_durable = m.op.is_barrier()
-                        || (self.config.sync && !is_read_only(&m.op))
-                        || (self.config.dirsync && m.op.is_namespace());
-                    let name = m.op.name();
-                    let result = apply(
-                        &mut self.fs,
-                        &mut store,
-                        &mut self.next_ino,
-                        &m,
-                        stats,
-                        space,
-                    );
-                    wrote |= store.wrote;
-                    if let Some(e) = store.failed.take() {
-                        failed = Some(e);
-                    }
-                    barrier |= needs_durable;
-                    self.requests += 1;
-                    log_request(&m, name, &result, started);
-                    replies.push((m.reply, result));
-                    if failed.is_some() {
-                        break;
-                    }
+        let refuse_growth = self.state.current().bytes() > MAX_PENDING_BYTES;
+        self.state.current_mut().begin_batch();
+        for m in batch {
+            let started = Instant::now();
+            self.metrics
+                .queue_wait
+                .observe(metrics::secs(started.saturating_duration_since(m.queued)));
+            let stats = matches!(m.op, Op::Status).then(|| self.cache_stats());
+            let space = matches!(m.op, Op::StatFs).then(|| space_of(&self.config.data_dir));
+            let needs_durable = m.op.is_barrier()
+                || (self.config.sync && !is_read_only(&m.op))
+                || (self.config.dirsync && m.op.is_namespace());
+            let name = m.op.name();
+            let result = if refuse_growth && adds_data(&m.op) {
+                // The disk is not keeping up (see `over_limit`): refuse new data.
+                Err(Errno::EIO)
+            } else {
+                let mut store = BatchStore::new(&mut self.state, &mut self.cache);
+                let result = apply(
+                    &mut self.fs,
+                    &mut store,
+                    &mut self.next_ino,
+                    &m,
+                    stats,
+                    space,
+                );
+                if let Some(e) = store.failed.take() {
+                    failed = Some(e);
                 }
-                if failed.is_none() && self.next_ino != start_ino {
-                    if let Err(e) = tables.set_meta(META_NEXT_INO, self.next_ino) {
-                        failed = Some(e);
-                    }
-                    wrote = true;
-                }
+                result
+            };
+            self.requests += 1;
+            log_request(&m, name, &result, started);
+            replies.push((m.reply, result, needs_durable));
+            if failed.is_some() {
+                break;
             }
         }
         if let Some(e) = failed {
             error!(error = %e, data_dir = %self.config.data_dir.display(),
                 "storage failure: the batch is rolled back and answered EIO");
             self.metrics.storage_errors.inc();
-            let _ = txn.abort();
-            for (reply, _) in replies {
+            self.state.current_mut().rollback();
+            self.next_ino = start_ino;
+            for (reply, _, _) in replies {
                 reply(Err(Errno::EIO));
             }
-            return None;
+            return;
         }
-        // Bound what a crash can lose (and how far redb's file grows, since pages freed by
-        // non-durable commits are reused only after a durable one): at most ~1 s of work.
-        if wrote
-            && self
-                .undurable_since
-                .is_some_and(|t| t.elapsed() > MAX_UNDURABLE)
-        {
-            barrier = true;
+        if self.next_ino != start_ino {
+            self.state.set_meta(META_NEXT_INO, self.next_ino);
         }
-        if !(wrote || barrier && self.undurable) {
-            // Nothing to store: answer at once.
-            let _ = txn.abort();
-            self.refresh_gauges();
-            for (reply, r) in replies {
-                reply(r);
-            }
-            return None;
+        self.state.current_mut().end_batch();
+        if !self.state.current().is_empty() {
+            self.undurable_since.get_or_insert_with(Instant::now);
         }
-        self.commits += 1;
         self.metrics.batch_size.observe(replies.len() as f64);
-        if barrier {
-            self.commit_durable(txn, replies, done_tx)
-        } else {
-            self.commit_fast(txn, replies);
-            None
+        let now = Instant::now();
+        for (reply, result, needs_durable) in replies {
+            if !needs_durable || result.is_err() {
+                reply(result);
+            } else if !self.state.current().is_empty() {
+                // Its changes (or earlier ones) are pending: wait for the next commit.
+                self.waiting.push((reply, result, now));
+            } else if let Some(flight) = &mut self.in_flight {
+                // Everything before it is in the commit already running.
+                flight.replies.push((reply, result, now));
+            } else {
+                // Everything before it is durable.
+                reply(result);
+            }
         }
-    }
-
-    fn commit_fast(
-        &mut self,
-        mut txn: WriteTransaction,
-        replies: Vec<(Responder, Result<Reply, Errno>)>,
-    ) {
-        let started = Instant::now();
-        let result = txn
-            .set_durability(Durability::None)
-            .map_err(|e| e.to_string())
-            .and_then(|_| txn.commit().map_err(|e| e.to_string()));
-        self.metrics
-            .commit_duration
-            .observe(metrics::secs(started.elapsed()));
-        self.metrics.commits_none.inc();
         self.refresh_gauges();
-        match result {
-            Ok(()) => {
-                self.undurable = true;
-                self.undurable_since.get_or_insert_with(Instant::now);
-                for (reply, r) in replies {
-                    reply(r);
-                }
-            }
-            Err(e) => {
-                error!(error = %e, "commit failed: answering EIO");
-                for (reply, _) in replies {
-                    reply(Err(Errno::EIO));
-                }
-            }
-        }
-    }
-
-    fn commit_durable(
-        &mut self,
-        mut txn: WriteTransaction,
-        replies: Vec<(Responder, Result<Reply, Errno>)>,
-        done_tx: &flume::Sender<CommitResult>,
-    ) -> Option<InFlight> {
-        if let Err(e) = txn.set_durability(Durability::Immediate) {
-            error!(error = %e, "cannot request a durable commit: answering EIO");
-            for (reply, _) in replies {
-                reply(Err(Errno::EIO));
-            }
-            return None;
-        }
-        let done = done_tx.clone();
-        self.runtime.spawn_blocking(move || {
-            let started = Instant::now();
-            // A panic inside redb must still answer the actor, which waits for this message.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| txn.commit()))
-                .map_err(|_| "commit panicked".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            let r = (r, started.elapsed());
-            // The actor always waits for this message while a commit is in flight.
-            let _ = done.send(r);
-        });
-        Some(InFlight { replies })
     }
 
     /// Update the gauges that describe the actor's state (once per batch: cheap reads).
@@ -544,13 +594,11 @@ impl Actor {
         metrics::set(&m.open_handles, self.fs.open_handles() as u64);
         let stale = self
             .inodes_refreshed
-            .is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1));
+            .is_none_or(|t| t.elapsed() > Duration::from_secs(1));
         if stale {
             self.inodes_refreshed = Some(Instant::now());
-            if let Ok(txn) = self.db.begin_read() {
-                if let Ok(n) = spoolfs_store::count_inodes(&txn) {
-                    metrics::set(&m.inodes, n);
-                }
+            if let Ok(n) = self.state.inode_count() {
+                metrics::set(&m.inodes, n);
             }
         }
     }
@@ -569,6 +617,22 @@ impl Actor {
                 .unwrap_or(0),
         }
     }
+}
+
+/// Operations that add data or records (refused while pending changes are past their bound).
+fn adds_data(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::MkNod { .. }
+            | Op::MkDir { .. }
+            | Op::Symlink { .. }
+            | Op::Link { .. }
+            | Op::Create { .. }
+            | Op::Write { .. }
+            | Op::SetXattr { .. }
+            | Op::Fallocate { .. }
+            | Op::SetAttr { .. }
+    )
 }
 
 fn is_read_only(op: &Op) -> bool {
@@ -643,7 +707,7 @@ const READDIR_PAGE: usize = 256;
 
 fn apply(
     fs: &mut Fs,
-    s: &mut BatchStore<'_, '_>,
+    s: &mut BatchStore<'_>,
     next_ino: &mut u64,
     m: &Msg,
     stats: Option<StatusReport>,
@@ -817,8 +881,11 @@ fn space_of(data_dir: &std::path::Path) -> Result<Statfs, Errno> {
 
 fn vanished() -> CommitResult {
     (
-        Err("commit task vanished".into()),
-        std::time::Duration::ZERO,
+        Err(CommitFailure {
+            message: "commit task vanished".into(),
+            no_space: false,
+        }),
+        Duration::ZERO,
     )
 }
 

@@ -13,7 +13,7 @@ use std::os::unix::fs::FileExt;
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use spoolfs_core::{Dentry, Ino, Inode, Store, StoreError, StoreResult, CHUNK_SIZE};
-use spoolfs_store::Tables;
+use spoolfs_store::Pending;
 
 const CHUNK: usize = CHUNK_SIZE as usize;
 
@@ -58,8 +58,8 @@ impl ContentCache {
 }
 
 /// The view of state the core sees during one batch: redb tables overlaid with staging.
-pub struct BatchStore<'a, 't> {
-    pub tables: &'a mut Tables<'t>,
+pub struct BatchStore<'a> {
+    pub tables: &'a mut Pending,
     pub cache: &'a mut ContentCache,
     /// Something was written into the transaction (it must be committed, not aborted).
     pub wrote: bool,
@@ -67,8 +67,8 @@ pub struct BatchStore<'a, 't> {
     pub failed: Option<StoreError>,
 }
 
-impl<'a, 't> BatchStore<'a, 't> {
-    pub fn new(tables: &'a mut Tables<'t>, cache: &'a mut ContentCache) -> Self {
+impl<'a> BatchStore<'a> {
+    pub fn new(tables: &'a mut Pending, cache: &'a mut ContentCache) -> Self {
         BatchStore {
             tables,
             cache,
@@ -107,16 +107,16 @@ impl<'a, 't> BatchStore<'a, 't> {
         for idx in dirty {
             let base = idx * CHUNK_SIZE;
             if base >= size {
-                let r = self.tables.remove_chunk(ino, idx);
-                self.write(r)?;
+                self.tables.remove_chunk(ino, idx);
+                self.wrote = true;
                 continue;
             }
             let len = (size - base).min(CHUNK_SIZE) as usize;
             let r = read_memfd(&self.cache.files[&ino].memfd, base, &mut buf[..len])
                 .map_err(|e| io_err("read memfd", ino, e));
             self.check(r)?;
-            let r = self.tables.put_chunk(ino, idx, &buf[..len]);
-            self.write(r)?;
+            self.tables.put_chunk(ino, idx, &buf[..len]);
+            self.wrote = true;
         }
         if let Some(attrs) = attrs {
             let r = self.tables.put_inode(&attrs);
@@ -173,7 +173,7 @@ fn punch(memfd: &File, offset: u64, len: u64) -> std::io::Result<()> {
     .map_err(std::io::Error::from)
 }
 
-impl Store for BatchStore<'_, '_> {
+impl Store for BatchStore<'_> {
     fn inode(&mut self, ino: Ino) -> StoreResult<Option<Inode>> {
         if let Some(attrs) = self.cache.files.get(&ino).and_then(|f| f.attrs.as_ref()) {
             return Ok(Some(attrs.clone()));

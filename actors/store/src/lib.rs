@@ -15,8 +15,10 @@
 
 pub mod codec;
 pub mod fsck;
+pub mod pending;
 mod tables;
 
+pub use pending::{commit_delta, CommitFailure, Delta, Pending, Snapshot};
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
 
 use redb::TableDefinition;

@@ -3,9 +3,14 @@
 //! state after every operation, and every stored record (inodes with their times, entries,
 //! chunk bytes, xattrs, symlink targets, orphans) every few operations must be the same.
 //!
-//! The redb side commits every few operations (mostly with `Durability::None`, like the
-//! runtime's group commits) and `Op::Restart` commits, closes and reopens the database, so
-//! orphans and everything else must survive a restart.
+//! The redb side commits every few operations (mostly with `Durability::None`) and
+//! `Op::Restart` commits, closes and reopens the database, so orphans and everything else
+//! must survive a restart.
+//!
+//! The same sequences run against `Pending`, the store the runtime uses: changes held in
+//! memory over a read snapshot, sealed and committed in a pipeline. The backend seals and
+//! commits at staggered points so reads go through all three layers, and now and then a
+//! commit "fails" (the delta goes back under the newer one and the database is reopened).
 
 #[path = "../../core/tests/harness/mod.rs"]
 mod harness;
@@ -15,7 +20,8 @@ use std::path::PathBuf;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use spoolfs_core::{Dentry, Ino, Kind, MemStore, Store};
-use spoolfs_store::{open_database, Tables};
+use spoolfs_store::pending::{Key, Value};
+use spoolfs_store::{commit_delta, open_database, Pending, Tables};
 
 use harness::driver::Driver;
 use harness::ops::Loc::*;
@@ -135,6 +141,102 @@ impl Backend for Redb {
     }
 }
 
+/// `Pending` over a database in a temporary directory, with its commits driven by hand.
+struct Staged {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    state: Option<Pending>,
+    ops: usize,
+}
+
+impl Staged {
+    fn new() -> Staged {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(spoolfs_store::DB_FILE);
+        let db = open_database(&path).expect("open database");
+        Staged {
+            _dir: dir,
+            path,
+            state: Some(Pending::new(db).expect("snapshot")),
+            ops: 0,
+        }
+    }
+
+    fn state(&mut self) -> &mut Pending {
+        self.state.as_mut().expect("state")
+    }
+
+    /// Commit the sealed delta, if any, the way the actor does.
+    fn commit_sealed(&mut self) {
+        let Some(delta) = self.state().sealed().cloned() else {
+            return;
+        };
+        let db = self.state().db().expect("database open").clone();
+        commit_delta(&db, &delta).expect("commit");
+        drop(db);
+        self.state().committed().expect("new snapshot");
+    }
+
+    /// Commit everything pending.
+    fn flush_all(&mut self) {
+        self.commit_sealed();
+        if self.state().seal().is_some() {
+            self.commit_sealed();
+        }
+    }
+}
+
+impl Backend for Staged {
+    type S<'a> = Pending;
+
+    fn with<R>(&mut self, f: impl for<'a> FnOnce(&mut Pending) -> R) -> R {
+        f(self.state())
+    }
+
+    fn dump(&mut self) -> RawDump {
+        // Read through all three layers (pending, sealed, snapshot), committing nothing.
+        let mut d = RawDump::default();
+        for (k, v) in self.state().records().expect("records") {
+            match (k, v) {
+                (Key::Inode(i), Value::Inode(n)) => drop(d.inodes.insert(i, n)),
+                (Key::Dentry(p, n), Value::Dentry(x)) => drop(d.dentries.insert((p, n), x)),
+                (Key::Xattr(i, n), Value::Bytes(b)) => drop(d.xattrs.insert((i, n), b)),
+                (Key::Symlink(i), Value::Bytes(b)) => drop(d.symlinks.insert(i, b)),
+                (Key::Chunk(i, x), Value::Bytes(b)) => drop(d.chunks.insert((i, x), b)),
+                (Key::Orphan(i), _) => drop(d.orphans.insert(i)),
+                (Key::Meta(_), _) => {}
+                (k, v) => panic!("record {k:?} has the wrong kind of value {v:?}"),
+            }
+        }
+        d
+    }
+
+    fn op_done(&mut self, _index: usize) {
+        self.ops += 1;
+        match self.ops % 9 {
+            // Seal, keep operating on top of the sealed delta, then commit it.
+            2 => drop(self.state().seal()),
+            6 => self.commit_sealed(),
+            // Every other round the commit fails (with newer changes made on top of the
+            // sealed ones): they go back under the newer ones and the database is reopened;
+            // the retry must land them all, newest last.
+            5 if (self.ops / 9) % 2 == 0 => {
+                let path = self.path.clone();
+                self.state().commit_failed();
+                self.state().reopen(&path).expect("reopen");
+            }
+            _ => {}
+        }
+    }
+
+    fn restart(&mut self) {
+        self.flush_all();
+        self.state = None;
+        let db = open_database(&self.path).expect("reopen database");
+        self.state = Some(Pending::new(db).expect("snapshot"));
+    }
+}
+
 const CASES: u32 = 12;
 const SEED: u64 = 0x0590_01f5;
 
@@ -159,10 +261,14 @@ fn runner() -> TestRunner {
 
 /// Apply `ops` to both stores; every 10 operations and at the end compare every record.
 fn check(ops: &[Op]) -> Result<usize, String> {
+    check_with(ops, Redb::new())
+}
+
+fn check_with<B: Backend>(ops: &[Op], backend: B) -> Result<usize, String> {
     let mem = Sut::new(MemStore::default());
-    let redb = Sut::new(Redb::new());
+    let redb = Sut::new(backend);
     let mut d = Driver::new(mem, redb);
-    let raw = |d: &mut Driver<Sut<MemStore>, Sut<Redb>>| -> Result<(), String> {
+    let raw = |d: &mut Driver<Sut<MemStore>, Sut<B>>| -> Result<(), String> {
         let a = d.a.backend.dump();
         let b = d.b.backend.dump();
         if a != b {
@@ -235,6 +341,23 @@ fn redb_store_matches_mem_store() {
     }
     eprintln!(
         "redb model test: {} operations",
+        total.load(std::sync::atomic::Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn pending_store_matches_mem_store() {
+    let total = std::sync::atomic::AtomicUsize::new(0);
+    let result = runner().run(&ops(1..=400), |ops| {
+        let n = check_with(&ops, Staged::new()).map_err(TestCaseError::fail)?;
+        total.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    eprintln!(
+        "pending model test: {} operations",
         total.load(std::sync::atomic::Ordering::Relaxed)
     );
 }
