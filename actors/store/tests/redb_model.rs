@@ -220,7 +220,7 @@ impl Backend for Staged {
             // Every other round the commit fails (with newer changes made on top of the
             // sealed ones): they go back under the newer ones and the database is reopened;
             // the retry must land them all, newest last.
-            5 if (self.ops / 9) % 2 == 0 => {
+            5 if (self.ops / 9).is_multiple_of(2) => {
                 let path = self.path.clone();
                 self.state().commit_failed();
                 self.state().reopen(&path).expect("reopen");
