@@ -514,6 +514,20 @@ pub fn fsck(data_dir: &Path, repair: bool) -> Result<(), Failure> {
     let _lock = mount::lock_data_dir(data_dir).map_err(|f| Failure::new(OPERATIONAL, f.message))?;
     let db = spoolfs_store::open_database(&db_path)
         .map_err(|e| Failure::new(OPERATIONAL, e.to_string()))?;
+    // Recovery first, as a mount does (like e2fsck replaying the journal): the write-ahead
+    // log may hold the last operations of a daemon that did not stop cleanly.
+    let (_, replayed) = spoolfs_store::Wal::open(&db, data_dir).map_err(|e| {
+        Failure::new(
+            OPERATIONAL,
+            format!("{}: replay the write-ahead log: {e}", data_dir.display()),
+        )
+    })?;
+    if replayed > 0 {
+        println!(
+            "{}: replayed {replayed} write-ahead log entries",
+            data_dir.display()
+        );
+    }
     let tty = std::io::stderr().is_terminal();
     let mut progress = |phase: &str, done: u64, total: u64| {
         if tty && total > 0 {

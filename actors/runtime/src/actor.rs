@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use spoolfs_core::{Ctx, Errno, Fs, Ino, Limits, Timestamp};
-use spoolfs_store::{commit_delta, open_database, CommitFailure, Pending, Tables, META_NEXT_INO};
+use spoolfs_store::{open_database, CommitFailure, Pending, Tables, Wal, META_NEXT_INO};
 use tracing::{debug, error, info, warn};
 
 use std::sync::Arc;
@@ -145,8 +145,8 @@ struct InFlight {
     started: Instant,
 }
 
-/// How a commit ended, and how long it took.
-type CommitResult = (Result<(), CommitFailure>, Duration);
+/// How a commit ended, how long it took, and the log it hands back.
+type CommitResult = (Result<(), CommitFailure>, Duration, Option<Wal>);
 
 pub struct Actor {
     config: ActorConfig,
@@ -203,6 +203,15 @@ impl Actor {
             path: config.data_dir.display().to_string(),
             message,
         };
+        // Recovery: what the log holds beyond redb's last durable commit goes in first.
+        let (wal, replayed) = Wal::open(&db, &config.data_dir)
+            .map_err(|e| prepare(format!("replay the write-ahead log: {e}")))?;
+        if replayed > 0 {
+            info!(
+                replayed,
+                "replayed write-ahead log entries from the previous run"
+            );
+        }
         let mut fs = Fs::new(config.limits);
         let next_ino;
         {
@@ -230,7 +239,7 @@ impl Actor {
             }
             txn.commit().map_err(|e| prepare(e.to_string()))?;
         }
-        let state = Pending::new(db).map_err(|e| prepare(e.to_string()))?;
+        let state = Pending::new(db, Some(wal)).map_err(|e| prepare(e.to_string()))?;
         let (tx, rx) = flume::bounded(config.queue_capacity);
         metrics::set(&metrics.queue_capacity, config.queue_capacity as u64);
         metrics::set(&metrics.memfd_budget_bytes, config.memfd_budget);
@@ -371,7 +380,7 @@ impl Actor {
         if !due {
             return;
         }
-        let Some((db, delta)) = self.state.seal() else {
+        let Some(job) = self.state.seal() else {
             return;
         };
         self.retry_at = None;
@@ -380,19 +389,16 @@ impl Actor {
         self.runtime.spawn_blocking(move || {
             let started = Instant::now();
             // A panic inside redb must still answer the actor, which waits for this message.
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commit_delta(&db, &delta)
-            }))
-            .unwrap_or_else(|_| {
-                Err(CommitFailure {
-                    message: "commit panicked".into(),
-                    no_space: false,
-                })
-            });
-            // Let go of the database before reporting, so the actor may reopen it.
-            drop(db);
-            drop(delta);
-            let _ = done.send((r, started.elapsed()));
+            // (`run` lets go of the database before it returns, so the actor may reopen it.)
+            let (r, wal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
+                .unwrap_or_else(|_| {
+                    let failure = CommitFailure {
+                        message: "commit panicked".into(),
+                        no_space: false,
+                    };
+                    (Err(failure), None)
+                });
+            let _ = done.send((r, started.elapsed(), wal));
         });
         self.in_flight = Some(InFlight {
             replies: std::mem::take(&mut self.waiting),
@@ -400,7 +406,7 @@ impl Actor {
         });
     }
 
-    fn finish_commit(&mut self, (result, took): CommitResult) {
+    fn finish_commit(&mut self, (result, took, wal): CommitResult) {
         let Some(flight) = self.in_flight.take() else {
             return;
         };
@@ -409,7 +415,7 @@ impl Actor {
         match result {
             Ok(()) => {
                 self.durable_commits += 1;
-                if let Err(e) = self.state.committed() {
+                if let Err(e) = self.state.committed(wal) {
                     // The commit is durable; only the new snapshot failed. Reading goes
                     // through a reopen like after a failed commit.
                     error!(error = %e, "cannot read the committed state; reopening the database");
@@ -474,15 +480,18 @@ impl Actor {
     /// Make everything durable before the thread ends (unmount, SIGTERM).
     fn shutdown(&mut self) {
         if self.retry_at.is_some() && self.state.db().is_none() {
-            let path = self.config.data_dir.join(spoolfs_store::DB_FILE);
-            if let Err(e) = self.state.reopen(&path) {
+            if let Err(e) = self.state.reopen(&self.config.data_dir) {
                 error!(error = %e, "cannot reopen the database for the final commit");
             }
         }
         let mut result = Ok(());
         if !self.state.current().is_empty() {
             result = match self.state.seal() {
-                Some((db, delta)) => commit_delta(&db, &delta).map_err(|e| e.to_string()),
+                Some(job) => {
+                    let (r, wal) = job.run();
+                    r.map_err(|e| e.to_string())
+                        .and_then(|()| self.state.committed(wal).map_err(|e| e.to_string()))
+                }
                 None => Err("the database is closed".to_string()),
             };
             match &result {
@@ -490,6 +499,12 @@ impl Actor {
                 Err(e) => {
                     error!(error = %e, "final commit failed: the last operations may be lost")
                 }
+            }
+        }
+        if result.is_ok() {
+            // redb alone then holds everything: the data dir needs no log replay.
+            if let Err(e) = self.state.checkpoint() {
+                warn!(error = %e, "final checkpoint failed: the next mount replays the log");
             }
         }
         for (reply, r, _) in self.waiting.drain(..) {
@@ -880,13 +895,11 @@ fn space_of(data_dir: &std::path::Path) -> Result<Statfs, Errno> {
 }
 
 fn vanished() -> CommitResult {
-    (
-        Err(CommitFailure {
-            message: "commit task vanished".into(),
-            no_space: false,
-        }),
-        Duration::ZERO,
-    )
+    let failure = CommitFailure {
+        message: "commit task vanished".into(),
+        no_space: false,
+    };
+    (Err(failure), Duration::ZERO, None)
 }
 
 impl std::fmt::Debug for WeakActorHandle {

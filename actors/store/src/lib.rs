@@ -11,15 +11,19 @@
 //! | `symlinks` | ino `u64`             | target bytes                   |                                        |
 //! | `chunks`   | (ino `u64`, idx `u64`)| up to CHUNK_SIZE bytes         | bytes [idx*CHUNK_SIZE, ...); a missing chunk is a hole; no byte at or past the file size |
 //! | `orphans`  | ino `u64`             | `()`                           | nlink 0 but still open/looked up; reclaimed at start |
-//! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`           |
+//! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`, `wal_seq` |
+//!
+//! Changes reach these tables through the write-ahead log `spoolfs.wal` (see `wal`).
 
 pub mod codec;
 pub mod fsck;
 pub mod pending;
 mod tables;
+pub mod wal;
 
 pub use pending::{commit_delta, CommitFailure, Delta, Pending, Snapshot};
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
+pub use wal::{Wal, WAL_FILE};
 
 use redb::TableDefinition;
 
@@ -36,6 +40,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 /// The next inode number to hand out; numbers are never reused.
 pub const META_NEXT_INO: &str = "next_ino";
+/// The number of the first write-ahead log entry not yet in redb (see `wal`).
+pub const META_WAL_SEQ: &str = "wal_seq";
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "spoolfs.redb";

@@ -23,6 +23,7 @@ use spoolfs_core::mem_store::{copy_in, copy_out};
 use spoolfs_core::{Dentry, Ino, Inode, Kind, Store, StoreError, StoreResult};
 
 use crate::codec::{decode_inode, encode_inode};
+use crate::wal::Wal;
 use crate::*;
 
 fn err(context: &str, e: impl std::fmt::Display) -> StoreError {
@@ -94,6 +95,16 @@ impl Delta {
     /// Approximate memory held, for backpressure.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The changed records in key order (`None`: removed).
+    pub fn records(&self) -> impl Iterator<Item = (&Key, &Option<Value>)> {
+        self.map.iter()
+    }
+
+    /// Record a change (outside any batch's undo log unless one is open).
+    pub fn set_record(&mut self, key: Key, value: Option<Value>) {
+        self.set(key, value);
     }
 
     fn set(&mut self, key: Key, value: Option<Value>) {
@@ -265,16 +276,42 @@ pub struct Pending {
     snap: Option<Snapshot>,
     cur: Delta,
     sealed: Option<Arc<Delta>>,
+    /// The write-ahead log; `None` while a commit holds it, or if the runtime commits to redb
+    /// directly.
+    wal: Option<Wal>,
+}
+
+/// One commit: a sealed delta, the database, and the log it goes through first.
+pub struct CommitJob {
+    db: Arc<Database>,
+    delta: Arc<Delta>,
+    wal: Option<Wal>,
+}
+
+impl CommitJob {
+    /// Make the delta durable (runs on a blocking task). Hands the log back, and lets go of
+    /// the database before returning, so that the actor may reopen it.
+    pub fn run(self) -> (Result<(), CommitFailure>, Option<Wal>) {
+        let CommitJob { db, delta, wal } = self;
+        match wal {
+            Some(mut wal) => {
+                let r = wal.commit(&db, &delta);
+                (r, Some(wal))
+            }
+            None => (commit_delta(&db, &delta), None),
+        }
+    }
 }
 
 impl Pending {
-    pub fn new(db: Database) -> StoreResult<Self> {
+    pub fn new(db: Database, wal: Option<Wal>) -> StoreResult<Self> {
         let snap = Snapshot::open(&db)?;
         Ok(Pending {
             db: Some(Arc::new(db)),
             snap: Some(snap),
             cur: Delta::default(),
             sealed: None,
+            wal,
         })
     }
 
@@ -308,20 +345,25 @@ impl Pending {
         self.sealed.as_ref()
     }
 
-    /// Hand the current changes to a commit, with the database to write them to. Only one
-    /// commit runs at a time, and none while the database is closed.
-    pub fn seal(&mut self) -> Option<(Arc<Database>, Arc<Delta>)> {
+    /// Hand the current changes to a commit. Only one commit runs at a time, and none while
+    /// the database is closed.
+    pub fn seal(&mut self) -> Option<CommitJob> {
         if self.sealed.is_some() {
             return None;
         }
         let db = self.db.clone()?;
         let delta = Arc::new(std::mem::take(&mut self.cur));
         self.sealed = Some(delta.clone());
-        Some((db, delta))
+        Some(CommitJob {
+            db,
+            delta,
+            wal: self.wal.take(),
+        })
     }
 
-    /// The sealed delta is in the database: read it from a new snapshot.
-    pub fn committed(&mut self) -> StoreResult<()> {
+    /// The sealed delta is durable and in the database: read it from a new snapshot.
+    pub fn committed(&mut self, wal: Option<Wal>) -> StoreResult<()> {
+        self.wal = self.wal.take().or(wal);
         self.sealed = None;
         self.snap = None;
         let db = self
@@ -332,9 +374,19 @@ impl Pending {
         Ok(())
     }
 
+    /// Make redb alone hold everything committed (before the daemon exits, so the data dir
+    /// needs no log replay). Only with no commit running.
+    pub fn checkpoint(&mut self) -> Result<(), CommitFailure> {
+        match (&self.db, &mut self.wal) {
+            (Some(db), Some(wal)) => wal.checkpoint(db, None),
+            _ => Ok(()),
+        }
+    }
+
     /// The sealed delta could not be committed: its changes go back under the current ones,
     /// to be retried, and the database is closed (redb refuses all work after an I/O error
-    /// until it is reopened). Call once the commit task has let go of the database.
+    /// until it is reopened). Call once the commit task has let go of the database. The log
+    /// is reopened (and replayed) with the database.
     pub fn commit_failed(&mut self) {
         if let Some(sealed) = self.sealed.take() {
             let sealed = Arc::try_unwrap(sealed).unwrap_or_else(|shared| Delta {
@@ -347,16 +399,21 @@ impl Pending {
         }
         self.snap = None;
         self.db = None;
+        self.wal = None;
     }
 
-    /// Open the database again after `commit_failed`. Every commit is durable, so it holds
-    /// exactly the state the closed snapshot showed; nothing the actor answered is lost.
-    pub fn reopen(&mut self, path: &Path) -> StoreResult<()> {
+    /// Open the database of `data_dir` again after `commit_failed`, replaying the log. Every
+    /// commit was durable (in the log or in redb), so it then holds exactly the state the
+    /// closed snapshot showed; nothing the actor answered is lost.
+    pub fn reopen(&mut self, data_dir: &Path) -> StoreResult<()> {
         self.snap = None;
         self.db = None;
-        let db = open_database(path).map_err(|e| err("reopen database", e))?;
+        self.wal = None;
+        let db = open_database(&data_dir.join(DB_FILE)).map_err(|e| err("reopen database", e))?;
+        let (wal, _) = Wal::open(&db, data_dir).map_err(|e| err("replay the log", e))?;
         self.snap = Some(Snapshot::open(&db)?);
         self.db = Some(Arc::new(db));
+        self.wal = Some(wal);
         Ok(())
     }
 
@@ -555,7 +612,7 @@ pub fn commit_delta(db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
     })
 }
 
-fn write_record(
+pub(crate) fn write_record(
     t: &mut Tables<'_>,
     key: &Key,
     value: Option<&Value>,

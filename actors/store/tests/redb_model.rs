@@ -20,8 +20,9 @@ use std::path::PathBuf;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use spoolfs_core::{Dentry, Ino, Kind, MemStore, Store};
+use spoolfs_store::pending::CommitJob;
 use spoolfs_store::pending::{Key, Value};
-use spoolfs_store::{commit_delta, open_database, Pending, Tables};
+use spoolfs_store::{open_database, Pending, Tables, Wal};
 
 use harness::driver::Driver;
 use harness::ops::Loc::*;
@@ -141,23 +142,30 @@ impl Backend for Redb {
     }
 }
 
-/// `Pending` over a database in a temporary directory, with its commits driven by hand.
+/// `Pending` over a database in a temporary directory, with its commits driven by hand and
+/// going through the write-ahead log.
 struct Staged {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+    dir: tempfile::TempDir,
     state: Option<Pending>,
+    /// A sealed delta whose commit has not run yet.
+    held: Option<CommitJob>,
     ops: usize,
+}
+
+fn open_staged(dir: &std::path::Path) -> Pending {
+    let db = open_database(&dir.join(spoolfs_store::DB_FILE)).expect("open database");
+    let (wal, _) = Wal::open(&db, dir).expect("open log");
+    Pending::new(db, Some(wal)).expect("snapshot")
 }
 
 impl Staged {
     fn new() -> Staged {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(spoolfs_store::DB_FILE);
-        let db = open_database(&path).expect("open database");
+        let state = Some(open_staged(dir.path()));
         Staged {
-            _dir: dir,
-            path,
-            state: Some(Pending::new(db).expect("snapshot")),
+            dir,
+            state,
+            held: None,
             ops: 0,
         }
     }
@@ -166,22 +174,12 @@ impl Staged {
         self.state.as_mut().expect("state")
     }
 
-    /// Commit the sealed delta, if any, the way the actor does.
-    fn commit_sealed(&mut self) {
-        let Some(delta) = self.state().sealed().cloned() else {
-            return;
-        };
-        let db = self.state().db().expect("database open").clone();
-        commit_delta(&db, &delta).expect("commit");
-        drop(db);
-        self.state().committed().expect("new snapshot");
-    }
-
-    /// Commit everything pending.
-    fn flush_all(&mut self) {
-        self.commit_sealed();
-        if self.state().seal().is_some() {
-            self.commit_sealed();
+    /// Seal the current changes and commit them, the way the actor's commit task does.
+    fn seal_and_commit(&mut self) {
+        if let Some(job) = self.state().seal() {
+            let (r, wal) = job.run();
+            r.expect("commit");
+            self.state().committed(wal).expect("new snapshot");
         }
     }
 }
@@ -214,26 +212,46 @@ impl Backend for Staged {
     fn op_done(&mut self, _index: usize) {
         self.ops += 1;
         match self.ops % 9 {
-            // Seal, keep operating on top of the sealed delta, then commit it.
-            2 => drop(self.state().seal()),
-            6 => self.commit_sealed(),
+            // Seal, keep operating on top of the sealed delta (the job waits), then commit.
+            2 => self.held = self.state().seal(),
+            6 => {
+                if let Some(job) = self.held.take() {
+                    let (r, wal) = job.run();
+                    r.expect("commit");
+                    self.state().committed(wal).expect("new snapshot");
+                }
+            }
             // Every other round the commit fails (with newer changes made on top of the
             // sealed ones): they go back under the newer ones and the database is reopened;
             // the retry must land them all, newest last.
             5 if (self.ops / 9).is_multiple_of(2) => {
-                let path = self.path.clone();
+                self.held = None;
                 self.state().commit_failed();
-                self.state().reopen(&path).expect("reopen");
+                let dir = self.dir.path().to_path_buf();
+                self.state().reopen(&dir).expect("reopen");
             }
             _ => {}
         }
     }
 
     fn restart(&mut self) {
-        self.flush_all();
+        // Everything goes through the log, then the daemon "crashes" and the reopen must
+        // replay the log.
+        if let Some(job) = self.held.take() {
+            let (r, wal) = job.run();
+            r.expect("commit");
+            self.state().committed(wal).expect("new snapshot");
+        }
+        self.seal_and_commit();
+        // A crash image: the files as they are now, while the database is still open (its
+        // non-durable commits may be in the file or not; the log must make up for them).
+        let image = tempfile::tempdir().expect("tempdir");
+        for f in [spoolfs_store::DB_FILE, spoolfs_store::WAL_FILE] {
+            std::fs::copy(self.dir.path().join(f), image.path().join(f)).expect("copy");
+        }
         self.state = None;
-        let db = open_database(&self.path).expect("reopen database");
-        self.state = Some(Pending::new(db).expect("snapshot"));
+        self.dir = image;
+        self.state = Some(open_staged(self.dir.path()));
     }
 }
 
