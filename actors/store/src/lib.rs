@@ -23,7 +23,7 @@ pub mod wal;
 
 pub use pending::{commit_delta, CommitFailure, Delta, Pending, Snapshot};
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
-pub use wal::{Wal, WAL_FILE};
+pub use wal::{Wal, WalLimits, WAL_FILE};
 
 use redb::TableDefinition;
 

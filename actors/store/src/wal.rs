@@ -4,7 +4,7 @@
 //!
 //! A commit appends the delta (checksummed, numbered) to `spoolfs.wal` and syncs it; the
 //! barriers waiting for it may then be answered. The delta is then applied to redb with
-//! `Durability::None`. Every `CHECKPOINT_BYTES` of log, an empty `Durability::Immediate`
+//! `Durability::None`. Every `WalLimits::checkpoint_bytes` of log, an empty `Durability::Immediate`
 //! commit makes redb hold everything, records the next entry number in the `meta` table
 //! (`wal_seq`) and the log starts over at offset 0. Deltas too big to be worth writing twice
 //! (bulk content) skip the log: they are committed to redb with `Immediate` directly, which
@@ -42,14 +42,26 @@ use crate::*;
 /// File name of the log inside the data directory.
 pub const WAL_FILE: &str = "spoolfs.wal";
 
-/// Size of the log file.
-const CAPACITY: u64 = 64 << 20;
+/// Sizes that shape the log (tests shrink them to make the log wrap often).
+#[derive(Debug, Clone, Copy)]
+pub struct WalLimits {
+    /// Size of the log file.
+    pub capacity: u64,
+    /// Log bytes after which redb is checkpointed and the log starts over.
+    pub checkpoint_bytes: u64,
+    /// Deltas bigger than this go to redb directly (content would otherwise be written twice).
+    pub direct_bytes: usize,
+}
 
-/// Log bytes after which redb is checkpointed and the log starts over.
-const CHECKPOINT_BYTES: u64 = 16 << 20;
-
-/// Deltas bigger than this go to redb directly (content would otherwise be written twice).
-const DIRECT_BYTES: usize = 2 << 20;
+impl Default for WalLimits {
+    fn default() -> Self {
+        WalLimits {
+            capacity: 64 << 20,
+            checkpoint_bytes: 16 << 20,
+            direct_bytes: 2 << 20,
+        }
+    }
+}
 
 const MAGIC: &[u8; 4] = b"SPWL";
 const HEADER: usize = 4 + 4 + 8 + 4;
@@ -64,6 +76,7 @@ pub struct Wal {
     seq: u64,
     /// Reused encoding buffer.
     buf: Vec<u8>,
+    limits: WalLimits,
 }
 
 fn fail(context: &str, e: impl std::fmt::Display, no_space: bool) -> CommitFailure {
@@ -83,6 +96,15 @@ impl Wal {
     /// Open (or create) the log of `data_dir`, replay it into `db` and checkpoint. Returns the
     /// log, empty, and how many entries were replayed.
     pub fn open(db: &Database, data_dir: &Path) -> Result<(Wal, usize), CommitFailure> {
+        Wal::open_with(db, data_dir, WalLimits::default())
+    }
+
+    /// `open` with other sizes.
+    pub fn open_with(
+        db: &Database,
+        data_dir: &Path,
+        limits: WalLimits,
+    ) -> Result<(Wal, usize), CommitFailure> {
         let path = data_dir.join(WAL_FILE);
         let shown = path.display().to_string();
         let mut file = OpenOptions::new()
@@ -127,8 +149,9 @@ impl Wal {
         }
         txn.commit()
             .map_err(|e| io_commit_fail("commit the replayed log", e))?;
-        if len < CAPACITY {
-            zero_fill(&mut file, len).map_err(|e| io_fail(&format!("preallocate {shown}"), e))?;
+        if len < limits.capacity {
+            zero_fill(&mut file, len, limits.capacity)
+                .map_err(|e| io_fail(&format!("preallocate {shown}"), e))?;
             if let Ok(dir) = File::open(data_dir) {
                 let _ = dir.sync_all();
             }
@@ -139,20 +162,26 @@ impl Wal {
                 pos: 0,
                 seq: next_seq,
                 buf: Vec::new(),
+                limits,
             },
             replayed,
         ))
     }
 
+    /// Bytes of log written since the last checkpoint.
+    pub fn used(&self) -> u64 {
+        self.pos
+    }
+
     /// Make `delta` durable, then apply it to `db` (see the module comment).
     pub fn commit(&mut self, db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
-        if delta.bytes() > DIRECT_BYTES {
+        if delta.bytes() > self.limits.direct_bytes {
             return self.checkpoint(db, Some(delta));
         }
         self.buf.clear();
         encode_entry(&mut self.buf, self.seq, delta);
         let len = self.buf.len() as u64;
-        if self.pos + len > CAPACITY {
+        if self.pos + len > self.limits.capacity {
             return self.checkpoint(db, Some(delta));
         }
         self.file
@@ -164,7 +193,7 @@ impl Wal {
         self.pos += len;
         self.seq += 1;
         write_delta(db, delta, Durability::None, None)?;
-        if self.pos >= CHECKPOINT_BYTES {
+        if self.pos >= self.limits.checkpoint_bytes {
             self.checkpoint(db, None)?;
         }
         Ok(())
@@ -230,11 +259,11 @@ fn write_delta(
     txn.commit().map_err(|e| io_commit_fail("commit", e))
 }
 
-fn zero_fill(file: &mut File, from: u64) -> std::io::Result<()> {
+fn zero_fill(file: &mut File, from: u64, to: u64) -> std::io::Result<()> {
     let block = vec![0u8; 1 << 20];
     let mut pos = from;
-    while pos < CAPACITY {
-        let n = (CAPACITY - pos).min(block.len() as u64) as usize;
+    while pos < to {
+        let n = (to - pos).min(block.len() as u64) as usize;
         file.write_all_at(&block[..n], pos)?;
         pos += n as u64;
     }
