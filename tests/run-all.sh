@@ -5,7 +5,8 @@
 #   bash tests/run-all.sh
 #
 # Steps: formatting, clippy, release build, cargo tests (pure core model test, redb store,
-# mount/crash tests), pjdfstest, fsx. The last line is `spoolfs: N passed, M failed` (steps).
+# mount/crash tests), fuzz, pjdfstest, fsx, stress, soak, monitoring. The last line is
+# `spoolfs: N passed, M failed` (steps).
 set -uo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -49,6 +50,9 @@ step fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash fuzz/run.sh
 step pjdfstest bash tests/pjdfstest/run.sh
 step fsx bash tests/fsx/run.sh
 step stress bash tests/stress/run.sh
+# 10 minutes of mixed spool load under a small memfd budget: the budget holds and RSS stays
+# flat (SOAK_SECONDS shortens it for local runs); see tests/soak/run.sh.
+step soak bash tests/soak/run.sh
 step monitoring bash tests/monitoring/run.sh
 
 echo

@@ -1,4 +1,4 @@
-# Shared by the shell suites (pjdfstest, fsx): mount a fresh spoolfs, and take it down
+# Shared by the shell suites (pjdfstest, fsx, soak): mount a fresh spoolfs, and take it down
 # again with a clean unmount and an offline fsck.
 #
 # The caller defines: die(), $name (message prefix), $SPOOLFS_BIN, $logdir (kept logs), and
@@ -12,9 +12,10 @@ is_mounted() {
     findmnt -rn -o TARGET | grep -Fx -- "$1" >/dev/null
 }
 
-# mount_spoolfs DATA MNT
+# mount_spoolfs DATA MNT [ARG...]: ARGs (e.g. --memfd-budget N) go to `spoolfs mount`.
 mount_spoolfs() {
     local data=$1 mnt=$2
+    shift 2
     [[ -x $SPOOLFS_BIN ]] ||
         die "spoolfs binary not found at $SPOOLFS_BIN (cargo build --release, or set SPOOLFS_BIN)"
     local mount_opts=()
@@ -22,10 +23,10 @@ mount_spoolfs() {
         mount_opts=(-o "$SPOOLFS_MOUNT_OPTS")
     fi
     mounts+=("$mnt") # registered first, so that a half-done mount is cleaned up
-    echo "$name: mounting spoolfs: $SPOOLFS_BIN mount ${mount_opts[*]} $data $mnt"
+    echo "$name: mounting spoolfs: $SPOOLFS_BIN mount ${mount_opts[*]} $* $data $mnt"
     # Output goes to a file: the daemonized spoolfs may keep stdout/stderr open, which
     # would make a pipe (or CI's log capture) wait for it.
-    if ! timeout 60 "$SPOOLFS_BIN" mount "${mount_opts[@]}" "$data" "$mnt" \
+    if ! timeout 60 "$SPOOLFS_BIN" mount "${mount_opts[@]}" "$@" "$data" "$mnt" \
         </dev/null >"$logdir/spoolfs.log" 2>&1; then
         cat "$logdir/spoolfs.log" >&2
         die "spoolfs mount failed"

@@ -4,8 +4,11 @@
 //! from redb the first time it is touched, so opening a large file costs nothing up front.
 //! FLUSH, fsync and release copy only the dirty chunks (and the attributes the writes changed)
 //! into the batch's transaction: the cost of a flush follows the bytes changed, not the size.
-//! When the memfds together hold more than the budget, the file being written is persisted
-//! and its memfd emptied.
+//! When the memfds together hold more than the budget at the end of an operation that loaded
+//! chunks into a memfd (a write; a hole punched into part of a chunk, which zeroes it there),
+//! that file is persisted and its memfd emptied. So between operations the memfds never hold
+//! more than the budget; inside one they may by what that operation touches (a write of at
+//! most max_write plus a partial chunk on either side, or the two edge chunks of a punch).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
@@ -129,6 +132,16 @@ impl<'a> BatchStore<'a> {
         Ok(self.inode(ino)?.map_or(0, |i| i.size))
     }
 
+    /// Over budget with `ino` staged: persist and empty its memfd.
+    fn enforce_budget(&mut self, ino: Ino) -> StoreResult<()> {
+        if self.cache.resident_bytes() > self.cache.budget_bytes
+            && self.cache.files.contains_key(&ino)
+        {
+            self.evict(ino)?;
+        }
+        Ok(())
+    }
+
     /// Persist and drop the memfd contents of `ino` (over budget).
     fn evict(&mut self, ino: Ino) -> StoreResult<()> {
         let size = self.size_of(ino)?;
@@ -185,7 +198,11 @@ impl Store for BatchStore<'_> {
     fn put_inode(&mut self, inode: &Inode) -> StoreResult<()> {
         self.persist(inode.ino, inode.size)?;
         let r = self.tables.put_inode(inode);
-        self.write(r)
+        self.write(r)?;
+        // Not only writes load chunks: punching a hole into part of a chunk zeroes it in the
+        // memfd (fallocate, which ends with put_inode). Without this check every punch on an
+        // open file could stage one more chunk, up to the whole file, whatever the budget.
+        self.enforce_budget(inode.ino)
     }
 
     fn stage_inode(&mut self, inode: &Inode) -> StoreResult<()> {
@@ -193,10 +210,7 @@ impl Store for BatchStore<'_> {
             return self.put_inode(inode);
         };
         f.attrs = Some(inode.clone());
-        if self.cache.resident_bytes() > self.cache.budget_bytes {
-            self.evict(inode.ino)?;
-        }
-        Ok(())
+        self.enforce_budget(inode.ino)
     }
 
     fn remove_inode(&mut self, ino: Ino) -> StoreResult<()> {
@@ -400,5 +414,77 @@ impl Store for BatchStore<'_> {
     fn orphans(&mut self) -> StoreResult<Vec<Ino>> {
         let r = self.tables.orphans();
         self.check(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spoolfs_core::{data, Kind, Timestamp};
+
+    const BUDGET: u64 = 4 * CHUNK_SIZE;
+
+    fn file(ino: Ino, size: u64) -> Inode {
+        Inode {
+            ino,
+            kind: Kind::File,
+            perm: 0o644,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            size,
+            rdev: 0,
+            atime: Timestamp::default(),
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            crtime: Timestamp::default(),
+            parent: Ino(1),
+        }
+    }
+
+    /// Every operation that loads chunks into a memfd ends within the budget: writes (the
+    /// file written is evicted) and hole punches into parts of stored chunks (which zero
+    /// them in the memfd: this once staged the whole file past any budget).
+    #[test]
+    fn operations_end_within_the_budget() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = spoolfs_store::open_database(&dir.path().join("db"))?;
+        let txn = db.begin_write()?;
+        let mut tables = Tables::open(&txn)?;
+        let mut cache = ContentCache::new(BUDGET);
+        let mut s = BatchStore::new(&mut tables, &mut cache);
+        let ino = Ino(2);
+        let chunks = 32;
+        let size = chunks * CHUNK_SIZE;
+        s.put_inode(&file(ino, 0))?;
+        s.open_for_write(ino)?;
+        let block = vec![7u8; 3 * CHUNK + 100];
+        let mut pos = 0;
+        while pos < size {
+            let n = (size - pos).min(block.len() as u64);
+            data::write(&mut s, ino, pos, &block[..n as usize])?;
+            s.stage_inode(&file(ino, pos + n))?;
+            assert!(s.cache.resident_bytes() <= BUDGET, "after write at {pos}");
+            pos += n;
+        }
+        for idx in 0..chunks {
+            let start = idx * CHUNK_SIZE + 100;
+            data::punch_hole(&mut s, ino, start, start + 100)?;
+            s.put_inode(&file(ino, size))?;
+            assert!(
+                s.cache.resident_bytes() <= BUDGET,
+                "after punch in chunk {idx}: {} bytes staged",
+                s.cache.resident_bytes()
+            );
+        }
+        // What was evicted was persisted first: every byte reads back.
+        for idx in 0..chunks {
+            let got = data::read(&mut s, ino, idx * CHUNK_SIZE, CHUNK)?;
+            let mut want = vec![7u8; CHUNK];
+            want[100..200].fill(0);
+            assert!(got == want, "chunk {idx} reads back wrong");
+        }
+        assert!(s.failed.is_none());
+        Ok(())
     }
 }
