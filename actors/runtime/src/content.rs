@@ -449,10 +449,9 @@ mod tests {
     fn operations_end_within_the_budget() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = spoolfs_store::open_database(&dir.path().join("db"))?;
-        let txn = db.begin_write()?;
-        let mut tables = Tables::open(&txn)?;
+        let mut state = Pending::new(db, None)?;
         let mut cache = ContentCache::new(BUDGET);
-        let mut s = BatchStore::new(&mut tables, &mut cache);
+        let mut s = BatchStore::new(&mut state, &mut cache);
         let ino = Ino(2);
         let chunks = 32;
         let size = chunks * CHUNK_SIZE;

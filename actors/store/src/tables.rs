@@ -33,13 +33,21 @@ pub enum OpenError {
     Init { path: String, message: String },
 }
 
+/// redb's own page cache. Its default (1 GiB) made the daemon's RSS follow the database size;
+/// reads that miss this cache still hit the kernel's page cache, so a modest fixed size keeps
+/// memory bounded (memfd budget + pending changes + this) at little cost.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Open (or create) the database and check or stamp its schema version.
 pub fn open_database(path: &Path) -> Result<Database, OpenError> {
     let shown = path.display().to_string();
-    let db = Database::create(path).map_err(|source| OpenError::Database {
-        path: shown.clone(),
-        source,
-    })?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|source| OpenError::Database {
+            path: shown.clone(),
+            source,
+        })?;
     let init = |m: String| OpenError::Init {
         path: shown.clone(),
         message: m,
