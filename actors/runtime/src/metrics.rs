@@ -54,7 +54,6 @@ pub struct Metrics {
     pub queue_capacity: Gauge,
     pub queue_wait: Histogram,
     pub commits_immediate: Counter,
-    pub commits_none: Counter,
     pub commit_duration: Histogram,
     pub batch_size: Histogram,
     pub memfd_bytes: Gauge,
@@ -93,7 +92,6 @@ impl Metrics {
             commits_immediate: commits.get_or_create_owned(&DurabilityLabel {
                 durability: "immediate",
             }),
-            commits_none: commits.get_or_create_owned(&DurabilityLabel { durability: "none" }),
             commit_duration: Histogram::new(latency_buckets()),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             memfd_bytes: Gauge::default(),
@@ -137,7 +135,11 @@ impl Metrics {
             Unit::Seconds,
             m.queue_wait.clone(),
         );
-        r.register("commits", "redb commits, by durability", commits);
+        r.register(
+            "commits",
+            "Commits, by durability (every commit is durable: a write-ahead log append or a redb commit)",
+            commits,
+        );
         r.register_with_unit(
             "commit_duration",
             "Time to commit one batch (durable commits include the fsync)",
