@@ -22,8 +22,10 @@ use tracing::{debug, error, info, warn};
 use std::sync::Arc;
 
 use crate::content::{BatchStore, ContentCache};
+use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
+use crate::space::{Reserve, SpaceGuard};
 
 #[derive(Debug, Clone)]
 pub struct ActorConfig {
@@ -43,6 +45,11 @@ pub struct ActorConfig {
     pub root_gid: u32,
     pub root_perm: u32,
     pub limits: Limits,
+    /// Space kept free on the data dir's filesystem (`-o reserve=`; see `space`).
+    pub reserve: Reserve,
+    /// Set once a storage I/O error has closed the database (see `health`); shared with the
+    /// binary for `/readyz` and `spoolfs status`.
+    pub health: Arc<StorageHealth>,
 }
 
 impl ActorConfig {
@@ -58,6 +65,8 @@ impl ActorConfig {
             root_gid: 0,
             root_perm: 0o755,
             limits: Limits::default(),
+            reserve: Reserve::Default,
+            health: Arc::default(),
         }
     }
 }
@@ -145,6 +154,10 @@ pub struct Actor {
     metrics: Arc<Metrics>,
     /// When the inode gauge was last refreshed (it costs a table read).
     inodes_refreshed: Option<Instant>,
+    /// Disk-full admission control (check before apply).
+    space: SpaceGuard,
+    /// Storage failures: counted, logged, and the failed state once redb closed the database.
+    faults: Faults,
 }
 
 fn now() -> Timestamp {
@@ -201,7 +214,20 @@ impl Actor {
         let (tx, rx) = flume::bounded(config.queue_capacity);
         metrics::set(&metrics.queue_capacity, config.queue_capacity as u64);
         metrics::set(&metrics.memfd_budget_bytes, config.memfd_budget);
+        let space = SpaceGuard::new(
+            &config.data_dir,
+            config.reserve,
+            metrics.clone(),
+            runtime.clone(),
+        );
+        let faults = Faults::new(
+            config.health.clone(),
+            metrics.clone(),
+            config.data_dir.clone(),
+        );
         let actor = Actor {
+            space,
+            faults,
             cache: ContentCache::new(config.memfd_budget),
             config,
             db,
@@ -328,12 +354,17 @@ impl Actor {
         &mut self,
         done_tx: &flume::Sender<CommitResult>,
     ) -> Option<InFlight> {
+        if self.faults.is_failed() {
+            self.undurable_since = None;
+            return None;
+        }
         // On failure the next attempt comes one bound later, not in a tight loop.
         self.undurable_since = Some(Instant::now());
         match self.db.begin_write() {
             Ok(txn) => self.commit_durable(txn, Vec::new(), done_tx),
             Err(e) => {
-                error!(error = %e, "cannot begin the idle durable commit; retrying later");
+                self.faults
+                    .record(&self.db, "begin the idle durable commit", &e);
                 None
             }
         }
@@ -363,10 +394,9 @@ impl Actor {
                 }
             }
             Err(e) => {
-                error!(error = %e, data_dir = %self.config.data_dir.display(),
-                    "durable commit failed: answering EIO; check the disk holding the data dir");
+                let errno = self.faults.record(&self.db, "durable commit", &e);
                 for (reply, _) in flight.replies {
-                    reply(Err(Errno::EIO));
+                    reply(Err(errno));
                 }
             }
         }
@@ -378,12 +408,21 @@ impl Actor {
         batch: Vec<Msg>,
         done_tx: &flume::Sender<CommitResult>,
     ) -> Option<InFlight> {
+        if self.faults.is_failed() {
+            self.faults.refuse(batch);
+            return None;
+        }
+        self.space.begin_batch(
+            &self.db,
+            self.cache.dirty_chunks() * spoolfs_core::CHUNK_SIZE,
+            !self.undurable,
+        );
         let txn = match self.db.begin_write() {
             Ok(t) => t,
             Err(e) => {
-                error!(error = %e, "cannot begin a transaction: answering EIO");
+                let errno = self.faults.record(&self.db, "begin a transaction", &e);
                 for m in batch {
-                    (m.reply)(Err(Errno::EIO));
+                    (m.reply)(Err(errno));
                 }
                 return None;
             }
@@ -402,20 +441,26 @@ impl Actor {
                         .queue_wait
                         .observe(metrics::secs(started.saturating_duration_since(m.queued)));
                     let stats = matches!(m.op, Op::Status).then(|| self.cache_stats());
-                    let space = matches!(m.op, Op::StatFs).then(|| space_of(&self.config.data_dir));
+                    let space = matches!(m.op, Op::StatFs).then(|| {
+                        space_of(&self.config.data_dir).map(|s| self.space.hide_reserve(s))
+                    });
                     let mut store = BatchStore::new(&mut tables, &mut self.cache);
                     let needs_durable = m.op.is_barrier()
                         || (self.config.sync && !is_read_only(&m.op))
                         || (self.config.dirsync && m.op.is_namespace());
                     let name = m.op.name();
-                    let result = apply(
-                        &mut self.fs,
-                        &mut store,
-                        &mut self.next_ino,
-                        &m,
-                        stats,
-                        space,
-                    );
+                    // Check, then apply: an operation that needs space the disk does not have is
+                    // refused before it changes anything.
+                    let result = self.space.admit(&m.op).and_then(|()| {
+                        apply(
+                            &mut self.fs,
+                            &mut store,
+                            &mut self.next_ino,
+                            &m,
+                            stats,
+                            space,
+                        )
+                    });
                     wrote |= store.wrote;
                     if let Some(e) = store.failed.take() {
                         failed = Some(e);
@@ -437,12 +482,10 @@ impl Actor {
             }
         }
         if let Some(e) = failed {
-            error!(error = %e, data_dir = %self.config.data_dir.display(),
-                "storage failure: the batch is rolled back and answered EIO");
-            self.metrics.storage_errors.inc();
             let _ = txn.abort();
+            let errno = self.faults.record(&self.db, "apply a batch", &e);
             for (reply, _) in replies {
-                reply(Err(Errno::EIO));
+                reply(Err(errno));
             }
             return None;
         }
@@ -498,9 +541,9 @@ impl Actor {
                 }
             }
             Err(e) => {
-                error!(error = %e, "commit failed: answering EIO");
+                let errno = self.faults.record(&self.db, "commit", &e);
                 for (reply, _) in replies {
-                    reply(Err(Errno::EIO));
+                    reply(Err(errno));
                 }
             }
         }
@@ -616,6 +659,9 @@ fn expected_error(op: &Op, e: Errno) -> bool {
             | (Op::GetXattr { .. }, Errno::ERANGE)
             | (Op::ListXattr { .. }, Errno::ERANGE)
             | (Op::Lseek { .. }, Errno::ENXIO)
+            // A full disk: the space guard logs it once (a line per refusal would fill the
+            // disk it is about); the refusals are counted by errno.
+            | (_, Errno::ENOSPC)
     )
 }
 

@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod fsck;
+pub mod space;
 mod tables;
 
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
