@@ -94,7 +94,8 @@ GAUGES = {"spoolfs_requests_in_flight", "spoolfs_actor_queue_depth", "spoolfs_ac
           "spoolfs_open_handles", "spoolfs_inodes", "spoolfs_db_size_bytes",
           "spoolfs_notify_queue_depth", "spoolfs_fuse_waiting_requests", "spoolfs_mounted",
           "spoolfs_build_info", "process_resident_memory_bytes", "process_open_fds",
-          "process_max_fds", "process_start_time_seconds"}
+          "process_max_fds", "process_start_time_seconds", "spoolfs_storage_failed",
+          "spoolfs_data_dir_available_bytes", "spoolfs_space_reserve_bytes"}
 HISTOGRAMS = {"spoolfs_request_duration_seconds", "spoolfs_actor_queue_wait_seconds",
               "spoolfs_commit_duration_seconds", "spoolfs_commit_batch_size",
               "spoolfs_notify_duration_seconds"}

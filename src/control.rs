@@ -86,14 +86,15 @@ async fn report(daemon: &Daemon) -> String {
         out.push_str(&v);
         out.push('\n');
     };
-    line(
-        "state",
-        if ready {
-            "ready".into()
-        } else {
-            "not ready".into()
-        },
-    );
+    let state = match daemon.readiness.storage.reason() {
+        Some(reason) => format!(
+            "failed: storage I/O error ({reason}); every request is answered EIO until the \
+             database can be reopened (retried every 500 ms) or the data dir is mounted again"
+        ),
+        None if ready => "ready".into(),
+        None => "not ready".into(),
+    };
+    line("state", state);
     line("mountpoint", daemon.mountpoint.display().to_string());
     line("pid", std::process::id().to_string());
     line("version", env!("CARGO_PKG_VERSION").into());

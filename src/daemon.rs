@@ -53,7 +53,11 @@ fn init_logging(format: LogFormat, log_file: Option<&Path>) -> Result<(), Failur
             }
         }
         (None, LogFormat::Json) => builder.json().with_writer(std::io::stderr).try_init(),
-        (None, LogFormat::Text) => builder.with_writer(std::io::stderr).try_init(),
+        // Colours only on a terminal: under systemd stderr goes to the journal.
+        (None, LogFormat::Text) => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     result.map_err(|e| fail(format!("cannot set up logging: {e}")))
 }
@@ -131,12 +135,17 @@ fn run(
     config.memfd_budget = args.memfd_budget;
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
+    config.reserve = opts.reserve.unwrap_or_default();
+    let storage_health = config.health.clone();
     // spoolfs_* metrics live in a prefixed sub-registry; process_* metrics at the root.
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(registry.sub_registry_with_prefix("spoolfs")));
     let (actor, actor_thread) = Actor::start(config, runtime.handle().clone(), metrics.clone())
         .map_err(|e| fail(format!("{e}")))?;
-    let readiness = Arc::new(Readiness::default());
+    let readiness = Arc::new(Readiness {
+        storage: storage_health,
+        ..Readiness::default()
+    });
     let weak_actor = actor.downgrade();
     control::spawn(
         &runtime,
@@ -197,6 +206,7 @@ fn run(
     metrics.mounted.set(1);
     registry.register_collector(Box::new(ScrapeCollector {
         db_path: data_dir.join(spoolfs_store::DB_FILE),
+        data_dir: data_dir.to_path_buf(),
         waiting_path: fusectl_waiting_path(mnt),
         actor: weak_actor,
     }));

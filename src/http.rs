@@ -17,16 +17,20 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
 use tracing::{info, warn};
 
-/// Whether the mount is live and not shutting down (for /readyz).
+/// Whether the mount is live, not shutting down, and its storage has not failed (for /readyz).
 #[derive(Default)]
 pub struct Readiness {
     pub mounted: AtomicBool,
     pub stopping: AtomicBool,
+    /// Set by the actor while a storage failure keeps the database closed.
+    pub storage: Arc<spoolfs_runtime::StorageHealth>,
 }
 
 impl Readiness {
     pub fn ready(&self) -> bool {
-        self.mounted.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
+        self.mounted.load(Ordering::Relaxed)
+            && !self.stopping.load(Ordering::Relaxed)
+            && !self.storage.is_failed()
     }
 }
 
@@ -88,17 +92,24 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.readiness.ready() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
+    } else if let Some(reason) = state.readiness.storage.reason() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: storage failed ({reason}); retrying, or mount again to recover\n"),
+        )
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_string())
     }
 }
 
 /// Values read at scrape time: the process (RSS, CPU, fds, start time), the database file
-/// size, and the kernel's count of requests waiting on this connection.
+/// size, the data dir's free space, and the kernel's count of requests waiting on this
+/// connection.
 #[derive(Debug)]
 pub struct ScrapeCollector {
     pub db_path: PathBuf,
+    pub data_dir: PathBuf,
     /// `/sys/fs/fuse/connections/N/waiting` of this mount, once known.
     pub waiting_path: Option<PathBuf>,
     pub actor: spoolfs_runtime::WeakActorHandle,
@@ -131,6 +142,16 @@ impl Collector for ScrapeCollector {
                 "Size of the database file",
                 Some(&Unit::Bytes),
                 meta.len() as f64,
+            )?;
+        }
+        if let Ok(v) = nix::sys::statvfs::statvfs(&self.data_dir) {
+            encode_gauge(
+                &mut enc,
+                "spoolfs_data_dir_available",
+                "Free space on the data dir's filesystem for unprivileged users (operations \
+                 that need space get ENOSPC below spoolfs_space_reserve_bytes)",
+                Some(&Unit::Bytes),
+                v.blocks_available().saturating_mul(v.fragment_size()) as f64,
             )?;
         }
         if let Some(path) = &self.waiting_path {

@@ -54,6 +54,9 @@ pub struct Options {
     pub noatime: bool,
     pub suid: bool,
     pub dev: bool,
+    /// `reserve=SIZE`: space kept free on the data dir's filesystem (bytes with an optional
+    /// K/M/G/T suffix, or a percentage); operations that need space get ENOSPC below it.
+    pub reserve: Option<spoolfs_runtime::Reserve>,
 }
 
 impl Options {
@@ -91,6 +94,9 @@ impl Options {
                 "auto" | "noauto" | "user" | "nouser" | "users" | "nofail" | "_netdev"
                 | "defaults" | "allow_root" => {}
                 o if o.starts_with("x-") || o.starts_with("comment=") => {}
+                o if o.starts_with("reserve=") => {
+                    self.reserve = Some(o["reserve=".len()..].parse()?);
+                }
                 "auto_unmount" => {
                     return Err(
                         "auto_unmount is refused: after a crash the mountpoint must stay \
@@ -380,6 +386,23 @@ pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
 mod tests {
     use super::mountinfo_unescape;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn reserve_is_a_mount_option() -> Result<(), String> {
+        use spoolfs_runtime::Reserve;
+        let mut o = super::Options::defaults(true);
+        assert_eq!(o.reserve, None);
+        o.parse("rw,reserve=512M,nofail")?;
+        assert_eq!(o.reserve, Some(Reserve::Bytes(512 << 20)));
+        o.parse("reserve=2%")?;
+        assert_eq!(o.reserve, Some(Reserve::Basis(200)));
+        let e = o.parse("reserve=lots");
+        assert!(
+            e.as_ref().is_err_and(|e| e.contains("reserve \"lots\"")),
+            "{e:?}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn mountinfo_paths_are_unescaped_as_bytes() {

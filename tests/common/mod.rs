@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
+
 use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::io::{self, Read};

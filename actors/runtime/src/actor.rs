@@ -22,8 +22,10 @@ use tracing::{debug, error, info, warn};
 use std::sync::Arc;
 
 use crate::content::{BatchStore, ContentCache};
+use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
+use crate::space::{Reserve, SpaceGuard};
 
 #[derive(Debug, Clone)]
 pub struct ActorConfig {
@@ -43,6 +45,11 @@ pub struct ActorConfig {
     pub root_gid: u32,
     pub root_perm: u32,
     pub limits: Limits,
+    /// Space kept free on the data dir's filesystem (`-o reserve=`; see `space`).
+    pub reserve: Reserve,
+    /// Whether the database is closed after a storage failure (see `health`); shared with
+    /// the binary for `/readyz` and `spoolfs status`.
+    pub health: Arc<StorageHealth>,
 }
 
 impl ActorConfig {
@@ -58,6 +65,8 @@ impl ActorConfig {
             root_gid: 0,
             root_perm: 0o755,
             limits: Limits::default(),
+            reserve: Reserve::Default,
+            health: Arc::default(),
         }
     }
 }
@@ -169,6 +178,10 @@ pub struct Actor {
     metrics: Arc<Metrics>,
     /// When the inode gauge was last refreshed (it costs a table read).
     inodes_refreshed: Option<Instant>,
+    /// Disk-full admission control (check before apply).
+    space: SpaceGuard,
+    /// Storage failures: counted, logged, and the shared health state.
+    faults: Faults,
 }
 
 fn now() -> Timestamp {
@@ -243,7 +256,20 @@ impl Actor {
         let (tx, rx) = flume::bounded(config.queue_capacity);
         metrics::set(&metrics.queue_capacity, config.queue_capacity as u64);
         metrics::set(&metrics.memfd_budget_bytes, config.memfd_budget);
+        let space = SpaceGuard::new(
+            &config.data_dir,
+            config.reserve,
+            metrics.clone(),
+            runtime.clone(),
+        );
+        let faults = Faults::new(
+            config.health.clone(),
+            metrics.clone(),
+            config.data_dir.clone(),
+        );
         let actor = Actor {
+            space,
+            faults,
             cache: ContentCache::new(config.memfd_budget),
             config,
             state,
@@ -357,14 +383,13 @@ impl Actor {
                 return;
             }
             if self.state.db().is_none() {
-                let path = self.config.data_dir.join(spoolfs_store::DB_FILE);
-                match self.state.reopen(&path) {
+                let dir = &self.config.data_dir;
+                match self.state.reopen(dir) {
                     Ok(()) => {
-                        info!(path = %path.display(), "database reopened; retrying the commit")
+                        info!(data_dir = %dir.display(), "database reopened; retrying the commit")
                     }
                     Err(e) => {
-                        error!(error = %e, path = %path.display(),
-                            "cannot reopen the database; retrying. Check the disk holding the data dir");
+                        self.faults.reopen_failed(&e);
                         self.retry_at = Some(Instant::now() + RETRY_DELAY);
                         return;
                     }
@@ -415,6 +440,7 @@ impl Actor {
         match result {
             Ok(()) => {
                 self.durable_commits += 1;
+                self.faults.recovered();
                 if let Err(e) = self.state.committed(wal) {
                     // The commit is durable; only the new snapshot failed. Reading goes
                     // through a reopen like after a failed commit.
@@ -432,15 +458,7 @@ impl Actor {
                 }
             }
             Err(e) => {
-                self.metrics.storage_errors.inc();
-                let errno = if e.no_space {
-                    Errno::ENOSPC
-                } else {
-                    Errno::EIO
-                };
-                error!(error = %e, data_dir = %self.config.data_dir.display(), errno = errno.name(),
-                    "commit failed: the changes stay pending and are retried; callers waiting for \
-                     durability get the error. Check the disk holding the data dir (space, I/O errors)");
+                let errno = self.faults.commit_failed(&e);
                 self.state.commit_failed();
                 self.retry_at = Some(Instant::now() + RETRY_DELAY);
                 for (reply, _, _) in flight.replies {
@@ -520,6 +538,18 @@ impl Actor {
     /// Apply a batch to the pending state. Replies go out at once, except those that must
     /// wait for durability (barriers; every mutation under `-o sync`).
     fn apply_batch(&mut self, batch: Vec<Msg>) {
+        let Some(db) = self.state.db().cloned() else {
+            // The database is closed after a storage failure (reopened by `maybe_commit`).
+            self.faults.refuse(batch);
+            return;
+        };
+        let all_durable = self.state.current().is_empty() && self.in_flight.is_none();
+        self.space.begin_batch(
+            &db,
+            self.cache.dirty_chunks() * spoolfs_core::CHUNK_SIZE,
+            all_durable,
+        );
+        drop(db);
         let mut replies = Vec::with_capacity(batch.len());
         let mut failed = None;
         let start_ino = self.next_ino;
@@ -531,7 +561,8 @@ impl Actor {
                 .queue_wait
                 .observe(metrics::secs(started.saturating_duration_since(m.queued)));
             let stats = matches!(m.op, Op::Status).then(|| self.cache_stats());
-            let space = matches!(m.op, Op::StatFs).then(|| space_of(&self.config.data_dir));
+            let space = matches!(m.op, Op::StatFs)
+                .then(|| space_of(&self.config.data_dir).map(|s| self.space.hide_reserve(s)));
             let needs_durable = m.op.is_barrier()
                 || (self.config.sync && !is_read_only(&m.op))
                 || (self.config.dirsync && m.op.is_namespace());
@@ -539,6 +570,10 @@ impl Actor {
             let result = if refuse_growth && adds_data(&m.op) {
                 // The disk is not keeping up (see `over_limit`): refuse new data.
                 Err(Errno::EIO)
+            } else if let Err(e) = self.space.admit(&m.op) {
+                // Check, then apply: an operation that needs space the disk does not have is
+                // refused before it changes anything.
+                Err(e)
             } else {
                 let mut store = BatchStore::new(&mut self.state, &mut self.cache);
                 let result = apply(
@@ -562,9 +597,7 @@ impl Actor {
             }
         }
         if let Some(e) = failed {
-            error!(error = %e, data_dir = %self.config.data_dir.display(),
-                "storage failure: the batch is rolled back and answered EIO");
-            self.metrics.storage_errors.inc();
+            self.faults.batch_failed(&e);
             self.state.current_mut().rollback();
             self.next_ino = start_ino;
             for (reply, _, _) in replies {
@@ -695,6 +728,9 @@ fn expected_error(op: &Op, e: Errno) -> bool {
             | (Op::GetXattr { .. }, Errno::ERANGE)
             | (Op::ListXattr { .. }, Errno::ERANGE)
             | (Op::Lseek { .. }, Errno::ENXIO)
+            // A full disk: the space guard logs it once (a line per refusal would fill the
+            // disk it is about); the refusals are counted by errno.
+            | (_, Errno::ENOSPC)
     )
 }
 

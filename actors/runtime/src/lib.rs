@@ -3,10 +3,14 @@
 
 pub mod actor;
 pub mod content;
+pub mod health;
 pub mod msg;
 pub mod notify;
+pub mod space;
 
 pub use actor::{Actor, ActorConfig, ActorHandle, StartError, WeakActorHandle};
+pub use health::StorageHealth;
 pub use msg::*;
 pub use notify::{Invalidation, KernelNotifier, NotifyPool};
+pub use space::Reserve;
 pub mod metrics;

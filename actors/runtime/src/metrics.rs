@@ -65,6 +65,10 @@ pub struct Metrics {
     pub notify_duration: Histogram,
     pub mounted: Gauge,
     pub storage_errors: Counter,
+    /// 1 once a storage I/O error has closed the database (until remount; see `health`).
+    pub storage_failed: Gauge,
+    /// Space kept free on the data dir's filesystem (`-o reserve=`).
+    pub space_reserve_bytes: Gauge,
 }
 
 impl Metrics {
@@ -103,6 +107,8 @@ impl Metrics {
             notify_duration: Histogram::new(latency_buckets()),
             mounted: Gauge::default(),
             storage_errors: Counter::default(),
+            storage_failed: Gauge::default(),
+            space_reserve_bytes: Gauge::default(),
         };
         let r = registry;
         r.register("requests", "FUSE requests answered, by operation", requests);
@@ -175,8 +181,8 @@ impl Metrics {
             m.open_handles.clone(),
         );
         r.register("inodes", "Inodes stored in the database", m.inodes.clone());
-        // spoolfs_db_size_bytes and spoolfs_fuse_waiting_requests are read at scrape time by
-        // the binary's collector.
+        // spoolfs_db_size_bytes, spoolfs_data_dir_available_bytes and
+        // spoolfs_fuse_waiting_requests are read at scrape time by the binary's collector.
         r.register(
             "notify_queue_depth",
             "Kernel invalidations waiting for the notify pool",
@@ -191,8 +197,22 @@ impl Metrics {
         r.register("mounted", "1 while the mount is live", m.mounted.clone());
         r.register(
             "storage_errors",
-            "Storage failures (batches rolled back and answered EIO)",
+            "Storage failures: database reads, writes or commits that failed (their requests \
+             are answered EIO, or ENOSPC if the disk was full)",
             m.storage_errors.clone(),
+        );
+        r.register(
+            "storage_failed",
+            "1 once a storage I/O error closed the database: every request is answered EIO \
+             until the data dir is mounted again",
+            m.storage_failed.clone(),
+        );
+        r.register_with_unit(
+            "space_reserve",
+            "Space kept free on the data dir's filesystem: operations that need space get \
+             ENOSPC below it",
+            Unit::Bytes,
+            m.space_reserve_bytes.clone(),
         );
         r.register(
             "build",

@@ -18,6 +18,7 @@
 pub mod codec;
 pub mod fsck;
 pub mod pending;
+pub mod space;
 mod tables;
 pub mod wal;
 

@@ -56,9 +56,26 @@ pub struct WalLimits {
 impl Default for WalLimits {
     fn default() -> Self {
         WalLimits {
-            capacity: 64 << 20,
-            checkpoint_bytes: 16 << 20,
-            direct_bytes: 2 << 20,
+            capacity: 16 << 20,
+            checkpoint_bytes: 4 << 20,
+            direct_bytes: 1 << 20,
+        }
+    }
+}
+
+impl WalLimits {
+    /// The default sizes, shrunk on a small filesystem so the preallocated log takes at most
+    /// 1/32 of it (a 64 MiB spool on a tmpfs must not lose a quarter of it to the log).
+    pub fn for_dir(data_dir: &Path) -> WalLimits {
+        let d = WalLimits::default();
+        let total = nix::sys::statvfs::statvfs(data_dir)
+            .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+            .unwrap_or(u64::MAX);
+        let capacity = d.capacity.min((total / 32).max(1 << 20));
+        WalLimits {
+            capacity,
+            checkpoint_bytes: capacity / 4,
+            direct_bytes: usize::try_from(capacity / 16).unwrap_or(d.direct_bytes),
         }
     }
 }
@@ -96,7 +113,7 @@ impl Wal {
     /// Open (or create) the log of `data_dir`, replay it into `db` and checkpoint. Returns the
     /// log, empty, and how many entries were replayed.
     pub fn open(db: &Database, data_dir: &Path) -> Result<(Wal, usize), CommitFailure> {
-        Wal::open_with(db, data_dir, WalLimits::default())
+        Wal::open_with(db, data_dir, WalLimits::for_dir(data_dir))
     }
 
     /// `open` with other sizes.
