@@ -841,11 +841,12 @@ impl Fs {
 
     /// FLUSH (every close) and fsync: persist what the handle's file has staged. The runtime
     /// makes the batch durable before answering.
+    /// FLUSH (close) and fsync: the file's staged content is persisted whatever the handle's
+    /// mode (fsync of a read-only descriptor still makes the file's data durable, as on any
+    /// Linux filesystem; content another handle wrote is staged per file, not per handle).
     pub fn flush(&mut self, s: &mut impl Store, ino: Ino, fh: Fh) -> FsResult<()> {
         let h = self.handle_for(fh, ino)?;
-        if h.writable {
-            s.flush(ino)?;
-        }
+        s.flush(h.ino)?;
         Ok(())
     }
 

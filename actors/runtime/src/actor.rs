@@ -3,9 +3,10 @@
 //!
 //! Group commit as a pipeline: the actor takes every request waiting in its queue (up to
 //! `max_batch`) and applies them to the pending changes in memory (`spoolfs_store::Pending`),
-//! answering at once every request that does not ask for durability. A commit task writes the
-//! pending changes into redb with `Durability::Immediate`, one commit at a time, on a tokio
-//! blocking thread; whatever arrives while it runs goes into the next one. A barrier (FLUSH,
+//! answering at once every request that does not ask for durability. A commit task makes the
+//! pending changes durable (a write-ahead log append and fdatasync, then redb; see
+//! `spoolfs_store::wal`), one commit at a time, on a tokio blocking thread; whatever arrives
+//! while it runs goes into the next one. A barrier (FLUSH,
 //! fsync, fsyncdir; every mutation under `-o sync`; namespace changes under `-o dirsync`) is
 //! answered when a commit holding everything before it returns, so N concurrent writers share
 //! one fsync and the actor never waits for the disk. Nothing stays non-durable longer than
@@ -297,6 +298,11 @@ impl Actor {
         let (done_tx, done_rx) = flume::bounded::<CommitResult>(1);
         let mut open = true;
         loop {
+            // Waits past their deadline are answered even while requests keep the actor busy
+            // (the deadline only wakes an idle actor).
+            if self.next_deadline().is_some_and(|d| d <= Instant::now()) {
+                self.expire_waits();
+            }
             self.maybe_commit(&done_tx);
             if !open && self.in_flight.is_none() {
                 break;
@@ -370,18 +376,12 @@ impl Actor {
         if self.in_flight.is_some() {
             return;
         }
-        if self.state.current().is_empty() {
-            // Everything answered so far is durable.
-            self.undurable_since = None;
-            for (reply, r, _) in self.waiting.drain(..) {
-                reply(r);
-            }
-            return;
-        }
         if let Some(at) = self.retry_at {
             if Instant::now() < at {
                 return;
             }
+            // Reopen first, whether or not anything is pending: while the database is closed
+            // every request is refused, so nothing new would ever become pending.
             if self.state.db().is_none() {
                 let dir = &self.config.data_dir;
                 match self.state.reopen(dir) {
@@ -395,6 +395,19 @@ impl Actor {
                     }
                 }
             }
+            if self.state.current().is_empty() {
+                // Reopened with nothing to retry: the storage works again.
+                self.retry_at = None;
+                self.faults.recovered();
+            }
+        }
+        if self.state.current().is_empty() {
+            // Everything answered so far is durable.
+            self.undurable_since = None;
+            for (reply, r, _) in self.waiting.drain(..) {
+                reply(r);
+            }
+            return;
         }
         let due = !self.waiting.is_empty()
             || self.retry_at.is_some()
@@ -440,13 +453,15 @@ impl Actor {
         match result {
             Ok(()) => {
                 self.durable_commits += 1;
-                self.faults.recovered();
-                if let Err(e) = self.state.committed(wal) {
-                    // The commit is durable; only the new snapshot failed. Reading goes
-                    // through a reopen like after a failed commit.
-                    error!(error = %e, "cannot read the committed state; reopening the database");
-                    self.state.commit_failed();
-                    self.retry_at = Some(Instant::now());
+                match self.state.committed(wal) {
+                    Ok(()) => self.faults.recovered(),
+                    Err(e) => {
+                        // The commit is durable; only the new snapshot failed. Reading goes
+                        // through a reopen like after a failed commit.
+                        error!(error = %e, "cannot read the committed state; reopening the database");
+                        self.state.commit_failed();
+                        self.retry_at = Some(Instant::now());
+                    }
                 }
                 if self.state.current().is_empty() {
                     self.undurable_since = None;
@@ -551,10 +566,8 @@ impl Actor {
         );
         drop(db);
         let mut replies = Vec::with_capacity(batch.len());
-        let mut failed = None;
         let start_ino = self.next_ino;
         let refuse_growth = self.state.current().bytes() > MAX_PENDING_BYTES;
-        self.state.current_mut().begin_batch();
         for m in batch {
             let started = Instant::now();
             self.metrics
@@ -575,40 +588,15 @@ impl Actor {
                 // refused before it changes anything.
                 Err(e)
             } else {
-                let mut store = BatchStore::new(&mut self.state, &mut self.cache);
-                let result = apply(
-                    &mut self.fs,
-                    &mut store,
-                    &mut self.next_ino,
-                    &m,
-                    stats,
-                    space,
-                );
-                if let Some(e) = store.failed.take() {
-                    failed = Some(e);
-                }
-                result
+                self.apply_one(&m, stats, space)
             };
             self.requests += 1;
             log_request(&m, name, &result, started);
             replies.push((m.reply, result, needs_durable));
-            if failed.is_some() {
-                break;
-            }
-        }
-        if let Some(e) = failed {
-            self.faults.batch_failed(&e);
-            self.state.current_mut().rollback();
-            self.next_ino = start_ino;
-            for (reply, _, _) in replies {
-                reply(Err(Errno::EIO));
-            }
-            return;
         }
         if self.next_ino != start_ino {
             self.state.set_meta(META_NEXT_INO, self.next_ino);
         }
-        self.state.current_mut().end_batch();
         if !self.state.current().is_empty() {
             self.undurable_since.get_or_insert_with(Instant::now);
         }
@@ -629,6 +617,40 @@ impl Actor {
             }
         }
         self.refresh_gauges();
+    }
+
+    /// Apply one operation. If storage fails part way (a snapshot read, a memfd), its changes
+    /// to the pending state and to the staging buffers are undone and it alone gets EIO.
+    fn apply_one(
+        &mut self,
+        m: &Msg,
+        stats: Option<StatusReport>,
+        space: Option<Result<Statfs, Errno>>,
+    ) -> Result<Reply, Errno> {
+        self.state.current_mut().begin_batch();
+        self.cache.begin_op();
+        let mut store = BatchStore::new(&mut self.state, &mut self.cache);
+        let result = apply(
+            &mut self.fs,
+            &mut store,
+            &mut self.next_ino,
+            m,
+            stats,
+            space,
+        );
+        match store.failed.take() {
+            None => {
+                self.state.current_mut().end_batch();
+                self.cache.end_op();
+                result
+            }
+            Some(e) => {
+                self.faults.batch_failed(&e);
+                self.state.current_mut().rollback();
+                self.cache.rollback_op();
+                Err(Errno::EIO)
+            }
+        }
     }
 
     /// Update the gauges that describe the actor's state (once per batch: cheap reads).

@@ -40,6 +40,13 @@ pub struct ContentCache {
     files: HashMap<Ino, Staged>,
     budget_bytes: u64,
     resident_chunks: u64,
+    /// What the current operation took from the buffers to persist it (dirty chunks and
+    /// attributes per file), so that an operation rolled back can give it back: its persisted
+    /// copy is rolled back with it, and the data must stay marked unsaved.
+    taken: Vec<(Ino, BTreeSet<u64>, Option<Inode>)>,
+    /// Files the current operation evicted: their memfds are emptied only once it succeeds
+    /// (until then the memfd is the only copy of what a rollback would undo).
+    evicted: Vec<Ino>,
 }
 
 impl ContentCache {
@@ -48,6 +55,45 @@ impl ContentCache {
             files: HashMap::new(),
             budget_bytes,
             resident_chunks: 0,
+            taken: Vec::new(),
+            evicted: Vec::new(),
+        }
+    }
+
+    /// An operation starts (see `taken`).
+    pub fn begin_op(&mut self) {
+        self.taken.clear();
+        self.evicted.clear();
+    }
+
+    /// The operation succeeded: empty the memfds it evicted (unless written to again since).
+    pub fn end_op(&mut self) {
+        self.taken.clear();
+        for ino in std::mem::take(&mut self.evicted) {
+            let Some(f) = self.files.get_mut(&ino) else {
+                continue;
+            };
+            if !f.dirty.is_empty() {
+                continue;
+            }
+            // An error here only leaves the bytes resident: they are persisted already.
+            if f.memfd.set_len(0).is_ok() {
+                self.resident_chunks -= f.present.len() as u64;
+                f.present.clear();
+            }
+        }
+    }
+
+    /// The operation was rolled back: what it persisted is unsaved again.
+    pub fn rollback_op(&mut self) {
+        self.evicted.clear();
+        for (ino, dirty, attrs) in std::mem::take(&mut self.taken).into_iter().rev() {
+            if let Some(f) = self.files.get_mut(&ino) {
+                f.dirty.extend(dirty);
+                if f.attrs.is_none() {
+                    f.attrs = attrs;
+                }
+            }
         }
     }
 
@@ -106,6 +152,7 @@ impl<'a> BatchStore<'a> {
         }
         let dirty = std::mem::take(&mut f.dirty);
         let attrs = f.attrs.take();
+        self.cache.taken.push((ino, dirty.clone(), attrs.clone()));
         let mut buf = vec![0u8; CHUNK];
         for idx in dirty {
             let base = idx * CHUNK_SIZE;
@@ -142,18 +189,13 @@ impl<'a> BatchStore<'a> {
         Ok(())
     }
 
-    /// Persist and drop the memfd contents of `ino` (over budget).
+    /// Persist `ino` and drop its memfd contents (over budget), the latter once the operation
+    /// succeeds (`ContentCache::end_op`).
     fn evict(&mut self, ino: Ino) -> StoreResult<()> {
         let size = self.size_of(ino)?;
         self.persist(ino, size)?;
-        if let Some(f) = self.cache.files.get_mut(&ino) {
-            self.cache.resident_chunks -= f.present.len() as u64;
-            f.present.clear();
-            let r = f
-                .memfd
-                .set_len(0)
-                .map_err(|e| io_err("truncate memfd", ino, e));
-            self.check(r)?;
+        if !self.cache.evicted.contains(&ino) {
+            self.cache.evicted.push(ino);
         }
         Ok(())
     }
@@ -463,6 +505,7 @@ mod tests {
             let n = (size - pos).min(block.len() as u64);
             data::write(&mut s, ino, pos, &block[..n as usize])?;
             s.stage_inode(&file(ino, pos + n))?;
+            s.cache.end_op();
             assert!(s.cache.resident_bytes() <= BUDGET, "after write at {pos}");
             pos += n;
         }
@@ -470,6 +513,7 @@ mod tests {
             let start = idx * CHUNK_SIZE + 100;
             data::punch_hole(&mut s, ino, start, start + 100)?;
             s.put_inode(&file(ino, size))?;
+            s.cache.end_op();
             assert!(
                 s.cache.resident_bytes() <= BUDGET,
                 "after punch in chunk {idx}: {} bytes staged",
@@ -484,6 +528,47 @@ mod tests {
             assert!(got == want, "chunk {idx} reads back wrong");
         }
         assert!(s.failed.is_none());
+        Ok(())
+    }
+
+    /// An operation rolled back after it persisted (and evicted) staged content leaves that
+    /// content staged and unsaved: the pending records went with the rollback, so a later
+    /// flush must write it again, from a memfd that still holds it.
+    #[test]
+    fn a_rolled_back_operation_leaves_its_persisted_content_unsaved(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = spoolfs_store::open_database(&dir.path().join("db"))?;
+        let mut state = Pending::new(db, None)?;
+        let mut cache = ContentCache::new(BUDGET);
+        let ino = Ino(2);
+        let data = vec![9u8; 6 * CHUNK];
+        {
+            let mut s = BatchStore::new(&mut state, &mut cache);
+            s.put_inode(&file(ino, 0))?;
+            s.open_for_write(ino)?;
+        }
+        // One operation writes past the budget (evicting) and is then rolled back.
+        state.current_mut().begin_batch();
+        cache.begin_op();
+        {
+            let mut s = BatchStore::new(&mut state, &mut cache);
+            data::write(&mut s, ino, 0, &data)?;
+            s.stage_inode(&file(ino, data.len() as u64))?;
+        }
+        state.current_mut().rollback();
+        cache.rollback_op();
+        assert!(
+            cache.dirty_chunks() > 0,
+            "the rolled-back persist left nothing unsaved"
+        );
+        // A later flush stores every byte.
+        let mut s = BatchStore::new(&mut state, &mut cache);
+        s.stage_inode(&file(ino, data.len() as u64))?;
+        s.flush(ino)?;
+        s.cache.end_op();
+        let got = data::read(&mut s, ino, 0, data.len())?;
+        assert!(got == data, "content lost after a rollback");
         Ok(())
     }
 }

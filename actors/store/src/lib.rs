@@ -11,7 +11,7 @@
 //! | `symlinks` | ino `u64`             | target bytes                   |                                        |
 //! | `chunks`   | (ino `u64`, idx `u64`)| up to CHUNK_SIZE bytes         | bytes [idx*CHUNK_SIZE, ...); a missing chunk is a hole; no byte at or past the file size |
 //! | `orphans`  | ino `u64`             | `()`                           | nlink 0 but still open/looked up; reclaimed at start |
-//! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`, `wal_seq` |
+//! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`, `wal_seq`, `wal_salt` |
 //!
 //! Changes reach these tables through the write-ahead log `spoolfs.wal` (see `wal`).
 
@@ -43,6 +43,8 @@ pub const META_SCHEMA_VERSION: &str = "schema_version";
 pub const META_NEXT_INO: &str = "next_ino";
 /// The number of the first write-ahead log entry not yet in redb (see `wal`).
 pub const META_WAL_SEQ: &str = "wal_seq";
+/// The current write-ahead log round's checksum salt (see `wal`).
+pub const META_WAL_SALT: &str = "wal_salt";
 
 /// File name of the database inside the data directory.
 pub const DB_FILE: &str = "spoolfs.redb";

@@ -2,15 +2,17 @@
 //!
 //! The actor applies every operation to `Pending::cur`, an ordered map of changed records
 //! (`Delta`). Reads look in `cur`, then in the delta being committed (`sealed`), then in a
-//! redb read snapshot taken after the last commit returned. A committer task writes one
-//! sealed delta at a time into redb (`commit_delta`), so the fsync runs beside the actor
-//! instead of holding redb's single write lock while requests wait; everything that arrives
-//! meanwhile goes into the next delta (group commit as a pipeline stage).
+//! redb read snapshot taken after the last commit returned. A commit task makes one sealed
+//! delta at a time durable (`CommitJob::run`: through the write-ahead log, `wal`, or straight
+//! into redb with `Durability::Immediate`), so the fsync runs beside the actor instead of
+//! holding redb's single write lock while requests wait; everything that arrives meanwhile
+//! goes into the next delta (group commit as a pipeline stage).
 //!
-//! Every commit is `Durability::Immediate`: the database file then always holds exactly the
+//! Every commit is durable before it counts: the log plus redb then always hold exactly the
 //! snapshot's state, so after an I/O error (redb refuses further work until reopened) the
-//! database can be reopened without losing anything the actor still shows, and the failed
-//! delta is retried. Deltas are committed in order, so a crash leaves a prefix.
+//! database can be reopened (replaying the log) without losing anything the actor still
+//! shows, and the failed delta is retried. Deltas are committed in order, so a crash leaves a
+//! prefix.
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -14,7 +14,10 @@
 //! entries from offset 0 that are intact and numbered `wal_seq`, `wal_seq + 1`, ...; the first
 //! torn, stale or missing entry ends the log. Replaying an entry redb already holds is
 //! harmless: each record is a whole value or a removal. Entries from before the last
-//! checkpoint carry smaller numbers, so they are never replayed.
+//! checkpoint carry smaller numbers, so they are never replayed; and each round (from one
+//! checkpoint to the next) mixes a fresh random salt, kept in `meta.wal_salt`, into every
+//! checksum, so bytes from an older round (mail content quoted inside an old entry) cannot pass
+//! for an entry of the current one.
 //!
 //! The file is created full-size and zero-filled once, so appends overwrite allocated blocks
 //! and fdatasync needs no metadata journal commit.
@@ -24,7 +27,7 @@
 //! | 4     | magic `SPWL`                                                   |
 //! | 4     | body length (little endian)                                    |
 //! | 8     | entry number                                                   |
-//! | 4     | CRC-32 of entry number and body                                |
+//! | 4     | CRC-32 of the round's salt, entry number and body              |
 //! | n     | body: records, each a tag byte then its key and value fields   |
 
 use std::fs::{File, OpenOptions};
@@ -91,6 +94,8 @@ pub struct Wal {
     pos: u64,
     /// The next entry's number.
     seq: u64,
+    /// This round's secret (see `new_salt`), mixed into every entry's checksum.
+    salt: u64,
     /// Reused encoding buffer.
     buf: Vec<u8>,
     limits: WalLimits,
@@ -137,15 +142,19 @@ impl Wal {
             .map_err(|e| io_fail(&format!("stat {shown}"), e))?
             .len();
         let first_seq = read_seq(db)?;
+        let salt = read_meta(db, META_WAL_SALT)
+            .map_err(|e| fail("read the log salt", e, false))?
+            .unwrap_or(0);
         let (deltas, next_seq) = if len == 0 {
             (Vec::new(), first_seq)
         } else {
             let mut bytes = Vec::new();
             file.read_to_end(&mut bytes)
                 .map_err(|e| io_fail(&format!("read {shown}"), e))?;
-            parse(&bytes, first_seq)
+            parse(&bytes, first_seq, salt)
         };
         let replayed = deltas.len();
+        let new_salt = fresh_salt();
         // One durable commit holds the replayed entries and the next number: from here on
         // the entries in the file are stale.
         let mut txn = db
@@ -163,21 +172,26 @@ impl Wal {
             }
             t.set_meta(META_WAL_SEQ, next_seq)
                 .map_err(|e| fail("write meta", e, false))?;
+            t.set_meta(META_WAL_SALT, new_salt)
+                .map_err(|e| fail("write meta", e, false))?;
         }
         txn.commit()
             .map_err(|e| io_commit_fail("commit the replayed log", e))?;
         if len < limits.capacity {
             zero_fill(&mut file, len, limits.capacity)
                 .map_err(|e| io_fail(&format!("preallocate {shown}"), e))?;
-            if let Ok(dir) = File::open(data_dir) {
-                let _ = dir.sync_all();
-            }
         }
+        // The log's directory entry must be durable before any entry in it counts (every
+        // open, so a crash right after creating it is repaired too).
+        File::open(data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| io_fail(&format!("sync {}", data_dir.display()), e))?;
         Ok((
             Wal {
                 file,
                 pos: 0,
                 seq: next_seq,
+                salt: new_salt,
                 buf: Vec::new(),
                 limits,
             },
@@ -196,7 +210,7 @@ impl Wal {
             return self.checkpoint(db, Some(delta));
         }
         self.buf.clear();
-        encode_entry(&mut self.buf, self.seq, delta);
+        encode_entry(&mut self.buf, self.seq, self.salt, delta);
         let len = self.buf.len() as u64;
         if self.pos + len > self.limits.capacity {
             return self.checkpoint(db, Some(delta));
@@ -224,13 +238,15 @@ impl Wal {
         delta: Option<&Delta>,
     ) -> Result<(), CommitFailure> {
         let empty = Delta::default();
+        let salt = fresh_salt();
         write_delta(
             db,
             delta.unwrap_or(&empty),
             Durability::Immediate,
-            Some(self.seq),
+            Some((self.seq, salt)),
         )?;
         self.pos = 0;
+        self.salt = salt;
         Ok(())
     }
 }
@@ -241,18 +257,28 @@ fn io_commit_fail(context: &str, e: redb::CommitError) -> CommitFailure {
     fail(context, e, no_space)
 }
 
+/// A new round's salt: unpredictable (std's `RandomState` keys come from the OS's random
+/// source), so bytes a user got into an older round's entries (mail content) can never pass
+/// for an entry of the current round after a crash.
+fn fresh_salt() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new()
+        .hash_one((std::time::SystemTime::now(), std::process::id()))
+}
+
 fn read_seq(db: &Database) -> Result<u64, CommitFailure> {
     read_meta(db, META_WAL_SEQ)
         .map(|v| v.unwrap_or(0))
         .map_err(|e| fail("read the log number", e, false))
 }
 
-/// Write `delta` in one transaction; `seq` also records the next log entry number.
+/// Write `delta` in one transaction; `round` also records the next log entry number and the
+/// next round's salt.
 fn write_delta(
     db: &Database,
     delta: &Delta,
     durability: Durability,
-    seq: Option<u64>,
+    round: Option<(u64, u64)>,
 ) -> Result<(), CommitFailure> {
     let mut txn = db
         .begin_write()
@@ -268,8 +294,10 @@ fn write_delta(
                 fail("write", e, no_space)
             })?;
         }
-        if let Some(seq) = seq {
+        if let Some((seq, salt)) = round {
             t.set_meta(META_WAL_SEQ, seq)
+                .map_err(|e| fail("write meta", e, false))?;
+            t.set_meta(META_WAL_SALT, salt)
                 .map_err(|e| fail("write meta", e, false))?;
         }
     }
@@ -305,23 +333,28 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
-/// Append one entry to `out`.
-fn encode_entry(out: &mut Vec<u8>, seq: u64, delta: &Delta) {
-    let start = out.len();
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[0; 4 + 8 + 4]);
+/// Append one entry to `out` (public for the fuzzer and tests).
+pub fn encode_entry(out: &mut Vec<u8>, seq: u64, salt: u64, delta: &Delta) {
+    let mut body = Vec::new();
     for (key, value) in delta.records() {
-        encode_record(out, key, value.as_ref());
+        encode_record(&mut body, key, value.as_ref());
     }
-    let entry = &mut out[start..];
-    let body_len = u32::try_from(entry.len() - HEADER).unwrap_or(u32::MAX);
-    entry[4..8].copy_from_slice(&body_len.to_le_bytes());
-    entry[8..16].copy_from_slice(&seq.to_le_bytes());
+    frame(out, seq, salt, &body);
+}
+
+/// Append an entry holding `body` as it is, with a valid header and checksum (public so the
+/// fuzzer can reach the record decoder past the checksum).
+pub fn frame(out: &mut Vec<u8>, seq: u64, salt: u64, body: &[u8]) {
+    let len = u32::try_from(body.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&seq.to_le_bytes());
     let mut crc = crc32fast::Hasher::new();
-    crc.update(&entry[8..16]);
-    crc.update(&entry[HEADER..]);
-    let crc = crc.finalize();
-    entry[16..20].copy_from_slice(&crc.to_le_bytes());
+    crc.update(&salt.to_le_bytes());
+    crc.update(&seq.to_le_bytes());
+    crc.update(body);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(body);
 }
 
 fn encode_record(out: &mut Vec<u8>, key: &Key, value: Option<&Value>) {
@@ -414,9 +447,14 @@ impl<'a> Reader<'a> {
 
 /// The metadata names a log may carry (keys are `&'static str`).
 fn meta_name(b: &[u8]) -> Option<&'static str> {
-    [META_NEXT_INO, META_SCHEMA_VERSION, META_WAL_SEQ]
-        .into_iter()
-        .find(|n| n.as_bytes() == b)
+    [
+        META_NEXT_INO,
+        META_SCHEMA_VERSION,
+        META_WAL_SEQ,
+        META_WAL_SALT,
+    ]
+    .into_iter()
+    .find(|n| n.as_bytes() == b)
 }
 
 fn decode_body(body: &[u8]) -> Option<Delta> {
@@ -494,8 +532,9 @@ fn decode_body(body: &[u8]) -> Option<Delta> {
     Some(delta)
 }
 
-/// The intact entries from the start of `log`, numbered from `first`; and the next number.
-fn parse(log: &[u8], first: u64) -> (Vec<Delta>, u64) {
+/// The intact entries from the start of `log`, numbered from `first`; and the next number
+/// (public for the fuzzer and tests).
+pub fn parse(log: &[u8], first: u64, salt: u64) -> (Vec<Delta>, u64) {
     let mut out = Vec::new();
     let mut seq = first;
     let mut pos = 0usize;
@@ -517,6 +556,7 @@ fn parse(log: &[u8], first: u64) -> (Vec<Delta>, u64) {
             break;
         };
         let mut h = crc32fast::Hasher::new();
+        h.update(&salt.to_le_bytes());
         h.update(&header[8..16]);
         h.update(body);
         if h.finalize() != crc {
@@ -526,7 +566,10 @@ fn parse(log: &[u8], first: u64) -> (Vec<Delta>, u64) {
             break;
         };
         out.push(delta);
-        seq += 1;
+        let Some(next) = seq.checked_add(1) else {
+            break;
+        };
+        seq = next;
         pos += HEADER + len;
     }
     (out, seq)
@@ -585,9 +628,9 @@ mod tests {
     #[test]
     fn entries_round_trip_in_order() {
         let mut log = Vec::new();
-        encode_entry(&mut log, 41, &sample());
-        encode_entry(&mut log, 42, &Delta::default());
-        let (deltas, next) = parse(&log, 41);
+        encode_entry(&mut log, 41, 7, &sample());
+        encode_entry(&mut log, 42, 7, &Delta::default());
+        let (deltas, next) = parse(&log, 41, 7);
         assert_eq!(next, 43);
         assert_eq!(deltas.len(), 2);
         assert_eq!(records(&deltas[0]), records(&sample()));
@@ -596,21 +639,23 @@ mod tests {
     #[test]
     fn a_torn_stale_or_misnumbered_entry_ends_the_log() {
         let mut log = Vec::new();
-        encode_entry(&mut log, 3, &sample());
+        encode_entry(&mut log, 3, 7, &sample());
         let first = log.len();
-        encode_entry(&mut log, 4, &sample());
+        encode_entry(&mut log, 4, 7, &sample());
         // Stale: numbered from an earlier round.
-        assert_eq!(parse(&log, 4).0.len(), 0);
+        assert_eq!(parse(&log, 4, 7).0.len(), 0);
+        // Another round's salt: nothing.
+        assert_eq!(parse(&log, 3, 8).0.len(), 0);
         // Torn: every cut inside the second entry keeps exactly the first.
         for cut in first..log.len() {
-            assert_eq!(parse(&log[..cut], 3).0.len(), 1, "cut at {cut}");
+            assert_eq!(parse(&log[..cut], 3, 7).0.len(), 1, "cut at {cut}");
         }
         // Corrupt: any flipped byte in the second entry drops it.
         for i in first..log.len() {
             let mut bad = log.clone();
             bad[i] ^= 0x40;
-            assert_eq!(parse(&bad, 3).0.len(), 1, "flip at {i}");
+            assert_eq!(parse(&bad, 3, 7).0.len(), 1, "flip at {i}");
         }
-        assert_eq!(parse(&log, 3).0.len(), 2);
+        assert_eq!(parse(&log, 3, 7).0.len(), 2);
     }
 }
