@@ -133,6 +133,7 @@ fn run(
     config.sync = opts.sync;
     config.dirsync = opts.dirsync;
     config.memfd_budget = args.memfd_budget;
+    config.poll = std::time::Duration::from_micros(args.poll_us);
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
     config.reserve = opts.reserve.unwrap_or_default();

@@ -75,6 +75,10 @@ pub struct MountArgs {
     /// Number of threads reading FUSE requests.
     #[arg(long, default_value_t = 2)]
     fuse_threads: usize,
+    /// Microseconds the actor polls for the next request before it sleeps (0: sleep at
+    /// once). Waking a sleeping thread costs more than a request on a VM; see the README.
+    #[arg(long, default_value_t = 50)]
+    poll_us: u64,
     /// Where the database lives (created 0700 if missing).
     data_dir: PathBuf,
     mountpoint: PathBuf,

@@ -41,6 +41,12 @@ pub struct ActorConfig {
     pub max_batch: usize,
     /// Capacity of the request queue (FUSE threads block when it is full: backpressure).
     pub queue_capacity: usize,
+    /// How long the actor polls its queue for the next request before it sleeps. Each sleep
+    /// and wakeup of the actor costs two context switches per request, which on a VM (an idle
+    /// vCPU halts and must be woken by an interrupt) cost more than the request itself:
+    /// polling for 50 µs doubled create/unlink rates on the 2-core test VM. Like io_uring's
+    /// SQPOLL idle time or Seastar's poll mode, bounded: an idle mount sleeps.
+    pub poll: Duration,
     /// Owner and mode of the root directory of a new filesystem.
     pub root_uid: u32,
     pub root_gid: u32,
@@ -62,6 +68,7 @@ impl ActorConfig {
             memfd_budget: 1 << 30,
             max_batch: 512,
             queue_capacity: 1024,
+            poll: Duration::from_micros(50),
             root_uid: 0,
             root_gid: 0,
             root_perm: 0o755,
@@ -308,6 +315,12 @@ impl Actor {
                 break;
             }
             let accept = open && !self.over_limit();
+            if accept && !self.config.poll.is_zero() {
+                if let Some(m) = poll_for_request(&rx, &done_rx, self.config.poll) {
+                    self.handle_polled(m, &rx);
+                    continue;
+                }
+            }
             let mut selector = flume::Selector::new().recv(&done_rx, |r| match r {
                 Ok(r) => Event::Done(r),
                 Err(_) => Event::Done(vanished()),
@@ -339,6 +352,18 @@ impl Actor {
             }
         }
         self.shutdown();
+    }
+
+    /// A request that arrived while polling, with whatever queued behind it.
+    fn handle_polled(&mut self, m: Msg, rx: &flume::Receiver<Msg>) {
+        let mut batch = vec![m];
+        while batch.len() < self.config.max_batch {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        self.apply_batch(batch);
     }
 
     /// Pending changes are past the memory bound and no commit is draining them: stop taking
@@ -963,5 +988,27 @@ fn vanished() -> CommitResult {
 impl std::fmt::Debug for WeakActorHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeakActorHandle").finish_non_exhaustive()
+    }
+}
+
+/// Poll the request queue for up to `poll` before sleeping (see `ActorConfig::poll`); stop
+/// early when a commit result is waiting (the select in `run` takes it).
+fn poll_for_request(
+    rx: &flume::Receiver<Msg>,
+    done_rx: &flume::Receiver<CommitResult>,
+    poll: Duration,
+) -> Option<Msg> {
+    let until = Instant::now() + poll;
+    loop {
+        if !done_rx.is_empty() {
+            return None;
+        }
+        if let Ok(m) = rx.try_recv() {
+            return Some(m);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        std::hint::spin_loop();
     }
 }
