@@ -126,3 +126,73 @@ fn other_users_are_held_to_the_mode_bits() {
     );
     m.umount();
 }
+
+/// The filesystem drops set-ID bits itself (`FUSE_HANDLE_KILLPRIV_V2`, which spares a
+/// getxattr round trip before every write): a write or truncate by a user without
+/// CAP_FSETID clears set-user-ID and (with group execute) set-group-ID, every time, not only
+/// the first; root's writes keep them; chown clears them whoever does it.
+#[test]
+fn set_id_bits_are_dropped_on_write_truncate_and_chown() {
+    let Some(t) = TestFs::new() else { return };
+    let m = t.mount();
+    let mode = |name: &str| fs::metadata(t.path(name)).expect("stat").mode() & 0o7777;
+    let setup = |name: &str, perm: u32| {
+        fs::write(t.path(name), b"#!/bin/sh\n").expect("write");
+        std::os::unix::fs::chown(t.path(name), Some(ALICE), Some(ALICE)).expect("chown");
+        fs::set_permissions(t.path(name), fs::Permissions::from_mode(perm)).expect("chmod");
+    };
+    fs::set_permissions(&t.mnt, fs::Permissions::from_mode(0o777)).expect("chmod root");
+
+    setup("w", 0o6775);
+    assert!(run_as(ALICE, &t.mnt, "echo more >> w"), "owner appends");
+    assert_eq!(
+        mode("w"),
+        0o775,
+        "a write by the owner drops both set-ID bits"
+    );
+    // Again after the first write (the kernel marks the inode S_NOSEC then): still dropped.
+    fs::set_permissions(t.path("w"), fs::Permissions::from_mode(0o4775)).expect("chmod");
+    assert!(
+        run_as(ALICE, &t.mnt, "echo again >> w"),
+        "owner appends again"
+    );
+    assert_eq!(mode("w"), 0o775, "the second write drops set-user-ID too");
+
+    setup("nogx", 0o2764);
+    assert!(run_as(ALICE, &t.mnt, "echo more >> nogx"), "owner appends");
+    assert_eq!(
+        mode("nogx"),
+        0o2764,
+        "set-group-ID without group execute (mandatory locking) stays"
+    );
+
+    setup("rootw", 0o6755);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(t.path("rootw"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"root\n"))
+        .expect("root appends");
+    assert_eq!(mode("rootw"), 0o6755, "root (CAP_FSETID) keeps the bits");
+
+    setup("tr", 0o6775);
+    assert!(run_as(ALICE, &t.mnt, "truncate -s 1 tr"), "owner truncates");
+    assert_eq!(
+        mode("tr"),
+        0o775,
+        "a truncate by the owner drops both set-ID bits"
+    );
+
+    setup("ch", 0o6775);
+    std::os::unix::fs::chown(t.path("ch"), Some(BOB), None).expect("chown");
+    assert_eq!(mode("ch"), 0o775, "chown drops both set-ID bits");
+
+    fs::create_dir(t.path("d")).expect("mkdir");
+    fs::set_permissions(t.path("d"), fs::Permissions::from_mode(0o2775)).expect("chmod");
+    std::os::unix::fs::chown(t.path("d"), Some(ALICE), None).expect("chown dir");
+    assert_eq!(
+        mode("d"),
+        0o2775,
+        "a directory keeps set-group-ID across chown"
+    );
+    m.umount();
+}

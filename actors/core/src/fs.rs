@@ -70,6 +70,27 @@ fn check_name(limits: &Limits, name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
+/// With `FUSE_HANDLE_KILLPRIV_V2` the kernel leaves this to the filesystem, as the VFS does it
+/// for local ones (`should_remove_suid`, `security_inode_killpriv`): clear set-user-ID, clear
+/// set-group-ID when the group may execute (without group execute it marks mandatory
+/// locking and stays), and remove file capabilities. True if anything changed.
+fn drop_privileges(s: &mut impl Store, inode: &mut Inode) -> FsResult<bool> {
+    let before = inode.perm;
+    inode.perm &= !libc::S_ISUID;
+    if inode.perm & (libc::S_ISGID | libc::S_IXGRP) == (libc::S_ISGID | libc::S_IXGRP) {
+        inode.perm &= !libc::S_ISGID;
+    }
+    let mut changed = inode.perm != before;
+    if s.xattr(inode.ino, SECURITY_CAPABILITY)?.is_some() {
+        s.remove_xattr(inode.ino, SECURITY_CAPABILITY)?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// The xattr holding file capabilities.
+const SECURITY_CAPABILITY: &[u8] = b"security.capability";
+
 /// The name as a new entry may take it: `.` and `..` always exist.
 fn check_new_name(limits: &Limits, name: &[u8]) -> FsResult<()> {
     check_name(limits, name)?;
@@ -274,6 +295,13 @@ impl Fs {
         if let Some(gid) = set.gid {
             inode.gid = gid;
             changed = true;
+        }
+        // chown of anything but a directory drops the set-ID bits, whoever asks (VFS
+        // `chown_common`); a size change does when the caller lacks CAP_FSETID (root here).
+        if (set.uid.is_some() || set.gid.is_some()) && inode.kind != Kind::Dir
+            || set.size.is_some() && ctx.uid != 0
+        {
+            drop_privileges(s, &mut inode)?;
         }
         if let Some(size) = set.size {
             data::truncate(s, ino, inode.size, size)?;
@@ -839,8 +867,16 @@ impl Fs {
         Ok(len)
     }
 
-    /// FLUSH (every close) and fsync: persist what the handle's file has staged. The runtime
-    /// makes the batch durable before answering.
+    /// A write by a caller without CAP_FSETID (the kernel says so with
+    /// `FUSE_WRITE_KILL_SUIDGID`): drop the set-ID bits and file capabilities first.
+    pub fn kill_privileges(&mut self, s: &mut impl Store, ino: Ino) -> FsResult<()> {
+        let mut inode = self.get(s, ino)?;
+        if inode.kind == Kind::File && drop_privileges(s, &mut inode)? {
+            s.put_inode(&inode)?;
+        }
+        Ok(())
+    }
+
     /// FLUSH (close) and fsync: the file's staged content is persisted whatever the handle's
     /// mode (fsync of a read-only descriptor still makes the file's data durable, as on any
     /// Linux filesystem; content another handle wrote is staged per file, not per handle).

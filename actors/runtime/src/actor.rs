@@ -894,7 +894,13 @@ fn apply(
             fh,
             offset,
             data,
-        } => Reply::Written(fs.write(s, &ctx, *ino, *fh, *offset, data)?),
+            kill_privileges,
+        } => {
+            if *kill_privileges {
+                fs.kill_privileges(s, *ino)?;
+            }
+            Reply::Written(fs.write(s, &ctx, *ino, *fh, *offset, data)?)
+        }
         Op::Flush { ino, fh } | Op::Fsync { ino, fh } => {
             fs.flush(s, *ino, *fh)?;
             Reply::Empty

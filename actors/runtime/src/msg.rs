@@ -122,6 +122,9 @@ pub enum Op {
         fh: Fh,
         offset: u64,
         data: Vec<u8>,
+        /// The kernel asks to drop set-ID bits and capabilities first
+        /// (`FUSE_WRITE_KILL_SUIDGID`: the writer lacks CAP_FSETID).
+        kill_privileges: bool,
     },
     Flush {
         ino: Ino,
@@ -382,6 +385,7 @@ impl std::fmt::Debug for OpArgs<'_> {
                 fh,
                 offset,
                 data,
+                ..
             } => {
                 write!(
                     f,

@@ -610,6 +610,7 @@ mod tests {
             fh: Fh(1),
             offset: 0,
             data: vec![0; 10],
+            kill_privileges: false,
         };
         assert!(matches!(need(&w), Need::Grow(20)));
         let punch = Op::Fallocate {
