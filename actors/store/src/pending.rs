@@ -583,13 +583,26 @@ impl std::fmt::Display for CommitFailure {
     }
 }
 
-fn is_no_space(e: &redb::StorageError) -> bool {
+/// The OS said the disk (or quota) is full.
+pub(crate) fn is_no_space(e: &redb::StorageError) -> bool {
     matches!(e, redb::StorageError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull
         || io.raw_os_error() == Some(libc::ENOSPC))
 }
 
-/// Write one delta into the database and make it durable (runs on a blocking task).
+/// Write one delta into the database and make it durable (runs on a blocking task; the
+/// runtime normally goes through the write-ahead log instead, `wal::Wal::commit`).
 pub fn commit_delta(db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
+    write_delta(db, delta, Durability::Immediate, None)
+}
+
+/// Write `delta` in one transaction with `durability`; `round` also records the write-ahead
+/// log's next entry number and salt (`meta.wal_seq`, `meta.wal_salt`).
+pub(crate) fn write_delta(
+    db: &Database,
+    delta: &Delta,
+    durability: Durability,
+    round: Option<(u64, u64)>,
+) -> Result<(), CommitFailure> {
     let fail = |context: &str, e: &dyn std::fmt::Display, no_space: bool| CommitFailure {
         message: format!("{context}: {e}"),
         no_space,
@@ -597,15 +610,18 @@ pub fn commit_delta(db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
     let mut txn = db
         .begin_write()
         .map_err(|e| fail("begin write", &e, false))?;
-    txn.set_durability(Durability::Immediate)
+    txn.set_durability(durability)
         .map_err(|e| fail("set durability", &e, false))?;
     {
         let mut t = Tables::open(&txn).map_err(|e| fail("open tables", &e, false))?;
         for (key, value) in &delta.map {
-            write_record(&mut t, key, value.as_ref()).map_err(|e| {
-                let no_space = is_no_space(&e);
-                fail("write", &e, no_space)
-            })?;
+            write_record(&mut t, key, value.as_ref())
+                .map_err(|e| fail("write", &e, is_no_space(&e)))?;
+        }
+        if let Some((seq, salt)) = round {
+            t.set_meta(META_WAL_SEQ, seq)
+                .and_then(|()| t.set_meta(META_WAL_SALT, salt))
+                .map_err(|e| fail("write meta", &e, false))?;
         }
     }
     txn.commit().map_err(|e| {

@@ -39,7 +39,7 @@ use redb::{Database, Durability};
 use spoolfs_core::{Dentry, Ino, Kind};
 
 use crate::codec::{decode_inode, encode_inode};
-use crate::pending::{write_record, CommitFailure, Delta, Key, Value};
+use crate::pending::{is_no_space, write_delta, write_record, CommitFailure, Delta, Key, Value};
 use crate::*;
 
 /// File name of the log inside the data directory.
@@ -252,8 +252,7 @@ impl Wal {
 }
 
 fn io_commit_fail(context: &str, e: redb::CommitError) -> CommitFailure {
-    let no_space = matches!(&e, redb::CommitError::Storage(redb::StorageError::Io(io))
-        if io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(libc::ENOSPC));
+    let no_space = matches!(&e, redb::CommitError::Storage(s) if is_no_space(s));
     fail(context, e, no_space)
 }
 
@@ -270,38 +269,6 @@ fn read_seq(db: &Database) -> Result<u64, CommitFailure> {
     read_meta(db, META_WAL_SEQ)
         .map(|v| v.unwrap_or(0))
         .map_err(|e| fail("read the log number", e, false))
-}
-
-/// Write `delta` in one transaction; `round` also records the next log entry number and the
-/// next round's salt.
-fn write_delta(
-    db: &Database,
-    delta: &Delta,
-    durability: Durability,
-    round: Option<(u64, u64)>,
-) -> Result<(), CommitFailure> {
-    let mut txn = db
-        .begin_write()
-        .map_err(|e| fail("begin write", e, false))?;
-    txn.set_durability(durability)
-        .map_err(|e| fail("set durability", e, false))?;
-    {
-        let mut t = Tables::open(&txn).map_err(|e| fail("open tables", e, false))?;
-        for (key, value) in delta.records() {
-            write_record(&mut t, key, value.as_ref()).map_err(|e| {
-                let no_space = matches!(&e, redb::StorageError::Io(io)
-                    if io.kind() == std::io::ErrorKind::StorageFull);
-                fail("write", e, no_space)
-            })?;
-        }
-        if let Some((seq, salt)) = round {
-            t.set_meta(META_WAL_SEQ, seq)
-                .map_err(|e| fail("write meta", e, false))?;
-            t.set_meta(META_WAL_SALT, salt)
-                .map_err(|e| fail("write meta", e, false))?;
-        }
-    }
-    txn.commit().map_err(|e| io_commit_fail("commit", e))
 }
 
 fn zero_fill(file: &mut File, from: u64, to: u64) -> std::io::Result<()> {
