@@ -1,4 +1,4 @@
-# Shared by the shell suites (pjdfstest, fsx, soak): mount a fresh spoolfs, and take it down
+# Shared by the shell suites (pjdfstest, fsx, stress, soak): mount a fresh spoolfs, and take it down
 # again with a clean unmount and an offline fsck.
 #
 # The caller defines: die(), $name (message prefix), $SPOOLFS_BIN, $logdir (kept logs), and
@@ -52,4 +52,45 @@ unmount_and_fsck() {
         return 1
     fi
     echo "$name: fsck: $(tail -n 1 "$logdir/fsck.log")"
+}
+
+# daemon_pid [DATA]: the daemon's PID, from the data dir's lock file (DATA defaults to $data).
+daemon_pid() {
+    tr -d '[:space:]' <"${1:-$data}/spoolfs.lock" 2>/dev/null
+}
+
+# daemon_state PID: its state letter from /proc (R, S, D, T, ...), or "dead" (gone or a
+# zombie: the daemon is reparented, and PID 1 in a container may never reap it).
+daemon_state() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
+    case $state in
+    "" | Z | X) echo dead ;;
+    *) echo "$state" ;;
+    esac
+}
+
+# reap_run DATA WORK LOG: the end of an EXIT trap, after the mounts are gone. Our daemon, if
+# it is still there (e.g. after a hang), gets 10 s, then is killed; its log is kept as LOG;
+# WORK is removed unless something is still mounted under it (never rm -rf through a mount).
+reap_run() {
+    local data=$1 work=$2 log=$3 pid i
+    pid=$(daemon_pid "$data")
+    if [[ -n $pid ]] && grep -qF -- "$data" "/proc/$pid/cmdline" 2>/dev/null; then
+        for ((i = 0; i < 100; i++)); do
+            [[ $(daemon_state "$pid") == dead ]] && break
+            sleep 0.1
+        done
+        if [[ $(daemon_state "$pid") != dead ]]; then
+            echo "$name: warning: daemon $pid still running; killing it" >&2
+            kill -KILL "$pid"
+        fi
+    fi
+    [[ -f $data/spoolfs.log ]] && cp "$data/spoolfs.log" "$log"
+    # (Not grep -q: its early exit could kill findmnt with SIGPIPE, failing the pipeline.)
+    if findmnt -rn -o TARGET | grep -F -- "$work" >/dev/null; then
+        echo "$name: warning: something is still mounted under $work; not removing it" >&2
+    else
+        rm -rf --one-file-system "$work"
+    fi
 }

@@ -105,21 +105,6 @@ monitor=   # pid of the sampler, stopped on exit
 # shellcheck source=../lib/spoolfs.sh
 source "$repo/tests/lib/spoolfs.sh"
 
-# Its PID, from the data dir lock file.
-daemon_pid() {
-    tr -d '[:space:]' <"$data/spoolfs.lock" 2>/dev/null
-}
-
-# daemon_state PID: its state letter from /proc (R, S, D, T, ...), or "dead" (gone or a
-# zombie: the daemon is reparented, and PID 1 in a container may never reap it).
-daemon_state() {
-    local state
-    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
-    case $state in
-    "" | Z | X) echo dead ;;
-    *) echo "$state" ;;
-    esac
-}
 
 # shellcheck disable=SC2317 # (only reached through the trap)
 cleanup() {
@@ -134,26 +119,7 @@ cleanup() {
             umount -l "${mounts[i]}" || echo "soak: warning: cannot unmount ${mounts[i]}" >&2
         fi
     done
-    # Our daemon, if it is still there (e.g. after a hang): give it 10 s, then kill it.
-    pid=$(daemon_pid)
-    if [[ -n $pid ]] && grep -qF -- "$data" "/proc/$pid/cmdline" 2>/dev/null; then
-        for ((i = 0; i < 100; i++)); do
-            [[ $(daemon_state "$pid") == dead ]] && break
-            sleep 0.1
-        done
-        if [[ $(daemon_state "$pid") != dead ]]; then
-            echo "soak: warning: daemon $pid still running; killing it" >&2
-            kill -KILL "$pid"
-        fi
-    fi
-    [[ -f $data/spoolfs.log ]] && cp "$data/spoolfs.log" "$logdir/daemon.log"
-    # Never rm -rf through a mount that is still there.  (Not grep -q: its early exit
-    # could kill findmnt with SIGPIPE, failing the pipeline.)
-    if findmnt -rn -o TARGET | grep -F -- "$work" >/dev/null; then
-        echo "soak: warning: something is still mounted under $work; not removing it" >&2
-    else
-        rm -rf --one-file-system "$work"
-    fi
+    reap_run "$data" "$work" "$logdir/daemon.log"
     exit "$rc"
 }
 trap cleanup EXIT

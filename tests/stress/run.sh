@@ -77,21 +77,9 @@ echo "stress: $(stress-ng --version 2>&1 | head -n 1); $(fio --version)"
 
 # --- the daemon ----------------------------------------------------------------
 
-# Its PID, from the data dir lock file.
-daemon_pid() {
-    tr -d '[:space:]' <"$data/spoolfs.lock" 2>/dev/null
-}
-
-# daemon_state PID: its state letter from /proc (R, S, D, T, ...), or "dead" (gone or a
-# zombie: the daemon is reparented, and PID 1 in a container may never reap it).
-daemon_state() {
-    local state
-    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)
-    case $state in
-    "" | Z | X) echo dead ;;
-    *) echo "$state" ;;
-    esac
-}
+name=stress
+# shellcheck source=../lib/spoolfs.sh
+source "$repo/tests/lib/spoolfs.sh"
 
 # --- temporary directories and cleanup -------------------------------------
 
@@ -106,11 +94,6 @@ cd "$logdir" || die "cannot cd to $logdir"
 
 child= # pid of the running tool, stopped on exit
 
-# Looks in the mount table only: unlike mountpoint(1) it neither hangs on a stuck FUSE
-# daemon nor misses a mount whose daemon died (ENOTCONN).
-is_mounted() {
-    findmnt -rn -o TARGET | grep -Fx -- "$1" >/dev/null
-}
 
 # shellcheck disable=SC2317 # (only reached through the trap)
 cleanup() {
@@ -123,27 +106,7 @@ cleanup() {
     if is_mounted "$mnt"; then
         umount -l "$mnt" || echo "stress: warning: cannot unmount $mnt" >&2
     fi
-    # Our daemon, if it is still there (e.g. after a hang): give it 10 s, then kill it.
-    local pid i
-    pid=$(daemon_pid)
-    if [[ -n $pid ]] && grep -qF -- "$data" "/proc/$pid/cmdline" 2>/dev/null; then
-        for ((i = 0; i < 100; i++)); do
-            [[ $(daemon_state "$pid") == dead ]] && break
-            sleep 0.1
-        done
-        if [[ $(daemon_state "$pid") != dead ]]; then
-            echo "stress: warning: daemon $pid still running; killing it" >&2
-            kill -KILL "$pid"
-        fi
-    fi
-    [[ -f $data/spoolfs.log ]] && cp "$data/spoolfs.log" "$logdir/spoolfs.log"
-    # Never rm -rf through a mount that is still there.  (Not grep -q: its early exit
-    # could kill findmnt with SIGPIPE, failing the pipeline.)
-    if findmnt -rn -o TARGET | grep -F -- "$work" >/dev/null; then
-        echo "stress: warning: something is still mounted under $work; not removing it" >&2
-    else
-        rm -rf --one-file-system "$work"
-    fi
+    reap_run "$data" "$work" "$logdir/spoolfs.log"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -157,16 +120,17 @@ failed=0
 failures=()
 
 # step NAME CMD...: run CMD, count and report its outcome; returns CMD's success.
+# (Not `local name`: the helpers of tests/lib/spoolfs.sh print $name, ours.)
 step() {
-    local name=$1 start=$SECONDS
+    local step=$1 start=$SECONDS
     shift
     if "$@"; then
         passed=$((passed + 1))
-        echo "stress: $name: ok ($((SECONDS - start))s)"
+        echo "stress: $step: ok ($((SECONDS - start))s)"
     else
         failed=$((failed + 1))
-        failures+=("$name")
-        echo "stress: $name: FAILED ($((SECONDS - start))s)"
+        failures+=("$step")
+        echo "stress: $step: FAILED ($((SECONDS - start))s)"
         return 1
     fi
 }
