@@ -714,20 +714,10 @@ impl Actor {
     }
 }
 
-/// Operations that add data or records (refused while pending changes are past their bound).
+/// Operations that add data or records (refused while pending changes are past their bound):
+/// those the space guard counts as growth, and every setattr and fallocate.
 fn adds_data(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::MkNod { .. }
-            | Op::MkDir { .. }
-            | Op::Symlink { .. }
-            | Op::Link { .. }
-            | Op::Create { .. }
-            | Op::Write { .. }
-            | Op::SetXattr { .. }
-            | Op::Fallocate { .. }
-            | Op::SetAttr { .. }
-    )
+    crate::space::grows(op) || matches!(op, Op::SetAttr { .. } | Op::Fallocate { .. })
 }
 
 fn is_read_only(op: &Op) -> bool {

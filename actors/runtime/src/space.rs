@@ -181,6 +181,11 @@ fn need(op: &Op) -> Need {
     }
 }
 
+/// Operations that need new room in the database (the ones `SpaceGuard::admit` may refuse).
+pub fn grows(op: &Op) -> bool {
+    matches!(need(op), Need::Grow(_) | Need::Check(_))
+}
+
 /// Operations that may free storage (worth a new look for room inside the database file).
 fn may_free(op: &Op) -> bool {
     match op {
