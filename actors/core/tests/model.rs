@@ -14,7 +14,7 @@ mod harness;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use spoolfs_core::{MemStore, CHUNK_SIZE};
 
 use harness::driver::Driver;
@@ -34,30 +34,15 @@ const CASES: u32 = 80;
 const SEED: u64 = 0x0590_01f5;
 
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CASES)
+    harness::env_or("PROPTEST_CASES", CASES)
 }
 
 fn seed() -> u64 {
-    std::env::var("SPOOLFS_MODEL_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(SEED)
+    harness::env_or("SPOOLFS_MODEL_SEED", SEED)
 }
 
 fn runner(cases: u32, seed: u64) -> TestRunner {
-    let config = Config {
-        cases,
-        // Shrunk failures become named regression tests instead of a persistence file.
-        failure_persistence: None,
-        max_shrink_iters: 10_000,
-        ..Config::default()
-    };
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+    harness::seeded_runner(cases, seed, 10_000)
 }
 
 /// Apply `ops` to the model and to `Fs` + `MemStore`; the first difference, with its step.

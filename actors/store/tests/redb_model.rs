@@ -17,7 +17,7 @@ mod harness;
 
 use std::path::PathBuf;
 
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::{TestCaseError, TestRunner};
 use redb::{Database, Durability, ReadableTable, WriteTransaction};
 use spoolfs_core::{Dentry, Ino, Kind, MemStore, Store};
 use spoolfs_store::pending::CommitJob;
@@ -258,23 +258,12 @@ impl Backend for Staged {
 const CASES: u32 = 12;
 const SEED: u64 = 0x0590_01f5;
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn runner() -> TestRunner {
-    let config = Config {
-        cases: env_or("PROPTEST_CASES", CASES),
-        failure_persistence: None,
-        max_shrink_iters: 2_000,
-        ..Config::default()
-    };
-    let mut bytes = [0u8; 32];
-    bytes[..8].copy_from_slice(&env_or("SPOOLFS_MODEL_SEED", SEED).to_le_bytes());
-    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+    harness::seeded_runner(
+        harness::env_or("PROPTEST_CASES", CASES),
+        harness::env_or("SPOOLFS_MODEL_SEED", SEED),
+        2_000,
+    )
 }
 
 /// Apply `ops` to both stores; every 10 operations and at the end compare every record.

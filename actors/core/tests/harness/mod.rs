@@ -138,3 +138,30 @@ pub trait Side {
     /// The whole state, or why the side's storage breaks an internal invariant.
     fn snapshot(&mut self, contents: Contents<'_>) -> Result<Snapshot, String>;
 }
+
+/// `name` from the environment, parsed, or `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A deterministic proptest runner: `cases` sequences from `seed`. Failures are not persisted
+/// (shrunk failures become named regression tests) and shrink at most `max_shrink_iters` times.
+pub fn seeded_runner(
+    cases: u32,
+    seed: u64,
+    max_shrink_iters: u32,
+) -> proptest::test_runner::TestRunner {
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+    let config = Config {
+        cases,
+        failure_persistence: None,
+        max_shrink_iters,
+        ..Config::default()
+    };
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
+}
