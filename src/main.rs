@@ -6,6 +6,14 @@ mod daemon;
 mod http;
 mod mount;
 
+/// jemalloc instead of glibc's malloc: the daemon's live heap stays flat under a mixed load
+/// (about 95 MiB, heaptrack over a 4-minute soak), but with glibc's per-thread arenas the
+/// RSS grew without bound (10 MiB/min in the 10-minute soak: 64 KiB to 1 MiB buffers
+/// allocated on FUSE threads and freed on the actor fragment the arenas, and glibc returns
+/// only the top of each heap to the kernel).  jemalloc returns unused pages after a decay.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
