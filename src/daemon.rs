@@ -137,6 +137,9 @@ fn run(
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
     config.reserve = opts.reserve.unwrap_or_default();
+    if let Some(t) = opts.commit_timeout {
+        config.commit_timeout = t;
+    }
     let storage_health = config.health.clone();
     // spoolfs_* metrics live in a prefixed sub-registry; process_* metrics at the root.
     let mut registry = Registry::default();

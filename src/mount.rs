@@ -57,6 +57,9 @@ pub struct Options {
     /// `reserve=SIZE`: space kept free on the data dir's filesystem (bytes with an optional
     /// K/M/G/T suffix, or a percentage); operations that need space get ENOSPC below it.
     pub reserve: Option<spoolfs_runtime::Reserve>,
+    /// `commit_timeout=SECONDS`: how long a request may wait for durability (close, fsync,
+    /// `-o sync`) before it is answered EIO while the disk does not answer.
+    pub commit_timeout: Option<std::time::Duration>,
 }
 
 impl Options {
@@ -97,6 +100,10 @@ impl Options {
                 o if o.starts_with("reserve=") => {
                     self.reserve = Some(o["reserve=".len()..].parse()?);
                 }
+                o if o.starts_with("commit_timeout=") => {
+                    self.commit_timeout =
+                        Some(parse_commit_timeout(&o["commit_timeout=".len()..])?);
+                }
                 "auto_unmount" => {
                     return Err(
                         "auto_unmount is refused: after a crash the mountpoint must stay \
@@ -109,6 +116,17 @@ impl Options {
             }
         }
         Ok(())
+    }
+}
+
+/// Whole seconds, 1 to 3600: below a second a healthy but busy disk would fail requests; above
+/// an hour a hung disk would hang the mail server as surely as no bound at all.
+fn parse_commit_timeout(v: &str) -> Result<std::time::Duration, String> {
+    match v.parse::<u64>() {
+        Ok(s @ 1..=3600) => Ok(std::time::Duration::from_secs(s)),
+        _ => Err(format!(
+            "commit_timeout {v:?}: expected whole seconds from 1 to 3600 (default 30)"
+        )),
     }
 }
 
@@ -386,6 +404,22 @@ pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
 mod tests {
     use super::mountinfo_unescape;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn commit_timeout_is_a_mount_option() -> Result<(), String> {
+        let mut o = super::Options::default();
+        assert_eq!(o.commit_timeout, None);
+        o.parse("commit_timeout=5")?;
+        assert_eq!(o.commit_timeout, Some(std::time::Duration::from_secs(5)));
+        for bad in ["0", "3601", "1.5", "-1", "", "30s"] {
+            let e = o.parse(&format!("commit_timeout={bad}"));
+            assert!(
+                e.as_ref().is_err_and(|e| e.contains("commit_timeout")),
+                "{bad}: {e:?}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn reserve_is_a_mount_option() -> Result<(), String> {

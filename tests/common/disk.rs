@@ -108,6 +108,43 @@ impl ScratchFs {
     }
 }
 
+/// A frozen filesystem (FIFREEZE, what `fsfreeze -f` does): every write and fsync on it
+/// blocks until it is thawed, as on a disk that stopped answering; reads of what is cached
+/// and statfs still work. Thawed on drop, so a failing test never leaves it frozen.
+pub struct Frozen<'a>(&'a ScratchFs);
+
+impl ScratchFs {
+    pub fn freeze(&self) -> Frozen<'_> {
+        const FIFREEZE: libc::c_ulong = 0xC004_5877; // _IOWR('X', 119, int)
+        self.freeze_ioctl(FIFREEZE, "FIFREEZE");
+        Frozen(self)
+    }
+
+    fn freeze_ioctl(&self, request: libc::c_ulong, what: &str) {
+        let dir = std::fs::File::open(&self.path).expect("open the filesystem's root");
+        // SAFETY: FIFREEZE and FITHAW take no argument (the kernel ignores the pointer).
+        let rc = unsafe { libc::ioctl(dir.as_raw_fd(), request, 0) };
+        assert_eq!(
+            rc,
+            0,
+            "{what} on {}: {}",
+            self.path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Frozen<'_> {
+    pub fn thaw(self) {}
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        const FITHAW: libc::c_ulong = 0xC004_5878; // _IOWR('X', 120, int)
+        self.0.freeze_ioctl(FITHAW, "FITHAW");
+    }
+}
+
 impl Drop for ScratchFs {
     fn drop(&mut self) {
         if self.mounted {

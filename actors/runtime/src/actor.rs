@@ -54,6 +54,8 @@ pub struct ActorConfig {
     pub limits: Limits,
     /// Space kept free on the data dir's filesystem (`-o reserve=`; see `space`).
     pub reserve: Reserve,
+    /// Longest wait for durability before the waiter is answered EIO (`-o commit_timeout=`).
+    pub commit_timeout: Duration,
     /// Whether the database is closed after a storage failure (see `health`); shared with
     /// the binary for `/readyz` and `spoolfs status`.
     pub health: Arc<StorageHealth>,
@@ -74,6 +76,7 @@ impl ActorConfig {
             root_perm: 0o755,
             limits: Limits::default(),
             reserve: Reserve::Default,
+            commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             health: Arc::default(),
         }
     }
@@ -148,7 +151,7 @@ const MAX_PENDING_BYTES: usize = 256 << 20;
 /// Longest a request waits for a durable commit before it is answered EIO. The commit keeps
 /// running; its changes stay pending and are retried, but the caller learns the disk is not
 /// keeping up instead of hanging (a hung disk must not hang every process using the mount).
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Pause before retrying a failed commit (after reopening the database).
 const RETRY_DELAY: Duration = Duration::from_millis(500);
@@ -374,7 +377,7 @@ impl Actor {
             && self
                 .in_flight
                 .as_ref()
-                .is_some_and(|f| f.started.elapsed() < COMMIT_TIMEOUT)
+                .is_some_and(|f| f.started.elapsed() < self.config.commit_timeout)
     }
 
     /// The next instant something is due: a forced commit, a retry, or a wait's timeout.
@@ -384,7 +387,7 @@ impl Actor {
             .as_ref()
             .and_then(|f| f.replies.first())
             .or(self.waiting.first())
-            .map(|(_, _, since)| *since + COMMIT_TIMEOUT);
+            .map(|(_, _, since)| *since + self.config.commit_timeout);
         let commit_due = if self.in_flight.is_some() {
             None
         } else {
@@ -511,7 +514,8 @@ impl Actor {
 
     /// Answer EIO to every reply that has waited for durability longer than the timeout.
     fn expire_waits(&mut self) {
-        let expired = |since: &Instant| since.elapsed() >= COMMIT_TIMEOUT;
+        let timeout = self.config.commit_timeout;
+        let expired = |since: &Instant| since.elapsed() >= timeout;
         let mut late = Vec::new();
         if let Some(flight) = &mut self.in_flight {
             let (old, keep): (Vec<Held>, Vec<Held>) =
@@ -525,7 +529,7 @@ impl Actor {
         late.extend(old);
         if !late.is_empty() {
             self.metrics.storage_errors.inc();
-            error!(waiting = late.len(), timeout_s = COMMIT_TIMEOUT.as_secs(),
+            error!(waiting = late.len(), timeout_s = timeout.as_secs(),
                 data_dir = %self.config.data_dir.display(),
                 "a durable commit did not finish in time: answering EIO; the changes stay pending. \
                  Check the disk holding the data dir");
