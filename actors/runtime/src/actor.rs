@@ -163,10 +163,20 @@ type Held = (Responder, Result<Reply, Errno>, Instant);
 struct InFlight {
     replies: Vec<Held>,
     started: Instant,
+    /// Its changes are durable (in the log) while it still writes them to redb: replies
+    /// that would wait for it are answered at once.
+    durable: bool,
 }
 
 /// How a commit ended, how long it took, and the log it hands back.
 type CommitResult = (Result<(), CommitFailure>, Duration, Option<Wal>);
+
+/// What the commit task tells the actor: its changes are durable (the log is synced; redb
+/// is written after), then how it ended.
+enum CommitEvent {
+    Durable,
+    Done(CommitResult),
+}
 
 pub struct Actor {
     config: ActorConfig,
@@ -207,7 +217,7 @@ fn now() -> Timestamp {
 
 /// What woke the actor.
 enum Event {
-    Done(CommitResult),
+    Commit(CommitEvent),
     Msg(Msg),
     Closed,
     Tick,
@@ -305,7 +315,7 @@ impl Actor {
     }
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
-        let (done_tx, done_rx) = flume::bounded::<CommitResult>(1);
+        let (done_tx, done_rx) = flume::bounded::<CommitEvent>(2);
         let mut open = true;
         loop {
             // Waits past their deadline are answered even while requests keep the actor busy
@@ -325,8 +335,8 @@ impl Actor {
                 }
             }
             let mut selector = flume::Selector::new().recv(&done_rx, |r| match r {
-                Ok(r) => Event::Done(r),
-                Err(_) => Event::Done(vanished()),
+                Ok(e) => Event::Commit(e),
+                Err(_) => Event::Commit(CommitEvent::Done(vanished())),
             });
             if accept {
                 selector = selector.recv(&rx, |r| match r {
@@ -339,7 +349,8 @@ impl Actor {
                 None => selector.wait(),
             };
             match event {
-                Event::Done(result) => self.finish_commit(result),
+                Event::Commit(CommitEvent::Durable) => self.commit_durable(),
+                Event::Commit(CommitEvent::Done(result)) => self.finish_commit(result),
                 Event::Msg(m) => {
                     let mut batch = vec![m];
                     while batch.len() < self.config.max_batch {
@@ -400,7 +411,7 @@ impl Actor {
     }
 
     /// Start a commit if one is due and none is running.
-    fn maybe_commit(&mut self, done_tx: &flume::Sender<CommitResult>) {
+    fn maybe_commit(&mut self, done_tx: &flume::Sender<CommitEvent>) {
         if self.in_flight.is_some() {
             return;
         }
@@ -456,20 +467,37 @@ impl Actor {
             let started = Instant::now();
             // A panic inside redb must still answer the actor, which waits for this message.
             // (`run` lets go of the database before it returns, so the actor may reopen it.)
-            let (r, wal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run()))
-                .unwrap_or_else(|_| {
+            let on_durable = || {
+                let _ = done.send(CommitEvent::Durable);
+            };
+            let (r, wal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                job.run_notifying(on_durable)
+            }))
+            .unwrap_or_else(|_| {
                     let failure = CommitFailure {
                         message: "commit panicked".into(),
                         no_space: false,
                     };
                     (Err(failure), None)
                 });
-            let _ = done.send((r, started.elapsed(), wal));
+            let _ = done.send(CommitEvent::Done((r, started.elapsed(), wal)));
         });
         self.in_flight = Some(InFlight {
             replies: std::mem::take(&mut self.waiting),
             started: Instant::now(),
+            durable: false,
         });
+    }
+
+    /// The commit in flight is durable: answer its waiters now. A failure in what it still
+    /// does (writing redb, a checkpoint) cannot lose what the log holds: reopening replays it.
+    fn commit_durable(&mut self) {
+        if let Some(flight) = &mut self.in_flight {
+            flight.durable = true;
+            for (reply, r, _) in flight.replies.drain(..) {
+                reply(r);
+            }
+        }
     }
 
     fn finish_commit(&mut self, (result, took, wal): CommitResult) {
@@ -637,7 +665,7 @@ impl Actor {
             } else if !self.state.current().is_empty() {
                 // Its changes (or earlier ones) are pending: wait for the next commit.
                 self.waiting.push((reply, result, now));
-            } else if let Some(flight) = &mut self.in_flight {
+            } else if let Some(flight) = self.in_flight.as_mut().filter(|f| !f.durable) {
                 // Everything before it is in the commit already running.
                 flight.replies.push((reply, result, now));
             } else {
@@ -995,7 +1023,7 @@ impl std::fmt::Debug for WeakActorHandle {
 /// early when a commit result is waiting (the select in `run` takes it).
 fn poll_for_request(
     rx: &flume::Receiver<Msg>,
-    done_rx: &flume::Receiver<CommitResult>,
+    done_rx: &flume::Receiver<CommitEvent>,
     poll: Duration,
 ) -> Option<Msg> {
     let until = Instant::now() + poll;

@@ -294,13 +294,25 @@ impl CommitJob {
     /// Make the delta durable (runs on a blocking task). Hands the log back, and lets go of
     /// the database before returning, so that the actor may reopen it.
     pub fn run(self) -> (Result<(), CommitFailure>, Option<Wal>) {
+        self.run_notifying(|| {})
+    }
+
+    /// `run`, calling `on_durable` once the delta is durable, which with the log is before
+    /// the commit ends (see `Wal::commit_notifying`).
+    pub fn run_notifying(self, on_durable: impl FnOnce()) -> (Result<(), CommitFailure>, Option<Wal>) {
         let CommitJob { db, delta, wal } = self;
         match wal {
             Some(mut wal) => {
-                let r = wal.commit(&db, &delta);
+                let r = wal.commit_notifying(&db, &delta, on_durable);
                 (r, Some(wal))
             }
-            None => (commit_delta(&db, &delta), None),
+            None => {
+                let r = commit_delta(&db, &delta);
+                if r.is_ok() {
+                    on_durable();
+                }
+                (r, None)
+            }
         }
     }
 }

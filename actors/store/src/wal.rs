@@ -206,14 +206,31 @@ impl Wal {
 
     /// Make `delta` durable, then apply it to `db` (see the module comment).
     pub fn commit(&mut self, db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
+        self.commit_notifying(db, delta, || {})
+    }
+
+    /// `commit`, calling `on_durable` as soon as the delta is durable: after the log's
+    /// fdatasync, before the delta is written to redb (and before a checkpoint), so that the
+    /// callers waiting for durability need not wait for those too. If a later step fails,
+    /// the logged entry is replayed when the database is reopened.
+    pub fn commit_notifying(
+        &mut self,
+        db: &Database,
+        delta: &Delta,
+        on_durable: impl FnOnce(),
+    ) -> Result<(), CommitFailure> {
         if delta.bytes() > self.limits.direct_bytes {
-            return self.checkpoint(db, Some(delta));
+            self.checkpoint(db, Some(delta))?;
+            on_durable();
+            return Ok(());
         }
         self.buf.clear();
         encode_entry(&mut self.buf, self.seq, self.salt, delta);
         let len = self.buf.len() as u64;
         if self.pos + len > self.limits.capacity {
-            return self.checkpoint(db, Some(delta));
+            self.checkpoint(db, Some(delta))?;
+            on_durable();
+            return Ok(());
         }
         self.file
             .write_all_at(&self.buf, self.pos)
@@ -223,6 +240,7 @@ impl Wal {
             .map_err(|e| io_fail("sync the log", e))?;
         self.pos += len;
         self.seq += 1;
+        on_durable();
         write_delta(db, delta, Durability::None, None)?;
         if self.pos >= self.limits.checkpoint_bytes {
             self.checkpoint(db, None)?;
