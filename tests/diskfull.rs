@@ -383,6 +383,13 @@ fn a_disk_full_under_the_database_fails_until_space_is_back_then_recovers_in_pla
     write_file(&t.path("recovered"), b"no remount needed").expect("write after recovery");
     let (_, metrics) = http_get(port, "/metrics").expect("scrape");
     assert_eq!(sample(&metrics, "spoolfs_storage_failed"), Some(0.0));
+    // The probe was closed while the database was closed: its release was applied after the
+    // reopen, not dropped (no handle leaks).
+    assert_eq!(
+        sample(&metrics, "spoolfs_open_handles"),
+        Some(0.0),
+        "a handle released during the failure leaked:\n{metrics}"
+    );
     assert!(
         t.log().contains("storage recovered"),
         "no recovery line in the log:\n{}",

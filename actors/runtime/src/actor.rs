@@ -203,6 +203,11 @@ pub struct Actor {
     space: SpaceGuard,
     /// Storage failures: counted, logged, and the shared health state.
     faults: Faults,
+    /// Releases and forgets that arrived while the database was closed after a storage
+    /// failure: answered at once (the kernel ignores their answers), applied once it is
+    /// reopened, so that handles and lookup counts do not leak and an unlinked file closed
+    /// meanwhile is still reclaimed.
+    deferred: Vec<Msg>,
 }
 
 fn now() -> Timestamp {
@@ -306,6 +311,7 @@ impl Actor {
             runtime,
             metrics,
             inodes_refreshed: None,
+            deferred: Vec::new(),
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -425,7 +431,11 @@ impl Actor {
                 let dir = &self.config.data_dir;
                 match self.state.reopen(dir) {
                     Ok(()) => {
-                        info!(data_dir = %dir.display(), "database reopened; retrying the commit")
+                        info!(data_dir = %dir.display(), "database reopened; retrying the commit");
+                        let deferred = std::mem::take(&mut self.deferred);
+                        if !deferred.is_empty() {
+                            self.apply_batch(deferred);
+                        }
                     }
                     Err(e) => {
                         self.faults.reopen_failed(&e);
@@ -474,12 +484,12 @@ impl Actor {
                 job.run_notifying(on_durable)
             }))
             .unwrap_or_else(|_| {
-                    let failure = CommitFailure {
-                        message: "commit panicked".into(),
-                        no_space: false,
-                    };
-                    (Err(failure), None)
-                });
+                let failure = CommitFailure {
+                    message: "commit panicked".into(),
+                    no_space: false,
+                };
+                (Err(failure), None)
+            });
             let _ = done.send(CommitEvent::Done((r, started.elapsed(), wal)));
         });
         self.in_flight = Some(InFlight {
@@ -612,7 +622,14 @@ impl Actor {
     fn apply_batch(&mut self, batch: Vec<Msg>) {
         let Some(db) = self.state.db().cloned() else {
             // The database is closed after a storage failure (reopened by `maybe_commit`).
-            self.faults.refuse(batch);
+            let (releases, refused): (Vec<Msg>, Vec<Msg>) =
+                batch.into_iter().partition(|m| m.op.releases());
+            for mut m in releases {
+                let reply = std::mem::replace(&mut m.reply, Box::new(|_| {}));
+                reply(Ok(Reply::Empty));
+                self.deferred.push(m);
+            }
+            self.faults.refuse(refused);
             return;
         };
         let all_durable = self.state.current().is_empty() && self.in_flight.is_none();

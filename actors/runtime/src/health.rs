@@ -33,7 +33,7 @@ use spoolfs_store::CommitFailure;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::Metrics;
-use crate::msg::{Msg, Op, Reply};
+use crate::msg::Msg;
 
 /// Whether the database is closed after a storage I/O error; shared with the binary (for
 /// `/readyz` and `spoolfs status`).
@@ -178,16 +178,11 @@ impl Faults {
             "storage failure: the batch is rolled back and answered EIO");
     }
 
-    /// While the database is closed: answer a batch without touching storage. Requests that
-    /// release something succeed (the kernel ignores their errors anyway); everything else is
-    /// EIO. (The released handles stay counted in the core until the next mount.)
+    /// While the database is closed: answer EIO without touching storage. (Releases and
+    /// forgets are not refused: the actor answers them and applies them after the reopen.)
     pub fn refuse(&self, batch: Vec<Msg>) {
         for m in batch {
-            let r = match m.op {
-                Op::Forget { .. } | Op::Release { .. } | Op::ReleaseDir { .. } => Ok(Reply::Empty),
-                _ => Err(Errno::EIO),
-            };
-            (m.reply)(r);
+            (m.reply)(Err(Errno::EIO));
         }
     }
 }

@@ -261,6 +261,15 @@ impl Op {
             Op::Flush { .. } | Op::Fsync { .. } | Op::FsyncDir { .. }
         )
     }
+
+    /// Operations that let go of a handle or of the kernel's references to inodes: the
+    /// kernel does not look at their answer and never sends them again.
+    pub fn releases(&self) -> bool {
+        matches!(
+            self,
+            Op::Forget { .. } | Op::Release { .. } | Op::ReleaseDir { .. }
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

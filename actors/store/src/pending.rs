@@ -299,7 +299,10 @@ impl CommitJob {
 
     /// `run`, calling `on_durable` once the delta is durable, which with the log is before
     /// the commit ends (see `Wal::commit_notifying`).
-    pub fn run_notifying(self, on_durable: impl FnOnce()) -> (Result<(), CommitFailure>, Option<Wal>) {
+    pub fn run_notifying(
+        self,
+        on_durable: impl FnOnce(),
+    ) -> (Result<(), CommitFailure>, Option<Wal>) {
         let CommitJob { db, delta, wal } = self;
         match wal {
             Some(mut wal) => {
