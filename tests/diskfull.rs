@@ -169,11 +169,7 @@ fn filling_the_mount_gives_enospc_and_deleting_files_makes_room_again() {
     );
     let (_, metrics) = http_get(port, "/metrics").expect("scrape");
     assert!(
-        sum_samples(
-            &metrics,
-            "spoolfs_request_errors_total",
-            &["errno=\"ENOSPC\""]
-        ) >= 8.0,
+        errors_answered(port, "ENOSPC") >= 8.0,
         "ENOSPC answers not counted:\n{metrics}"
     );
     assert_eq!(sample(&metrics, "spoolfs_storage_errors_total"), Some(0.0));

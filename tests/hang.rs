@@ -8,8 +8,10 @@
 //!   their writes) are answered while the disk hangs;
 //! - a close or fsync, which must be durable, is answered EIO once it waited the timeout, and
 //!   the wait is counted in `spoolfs_storage_errors_total`;
-//! - a caller SIGKILLed inside fsync goes away within the timeout (fuser answers the kernel's
-//!   INTERRUPT with ENOSYS, so the kernel waits for the answer: the bound is what frees it);
+//! - a caller SIGKILLed inside fsync goes away at once, with `-o commit_timeout=3600` (the
+//!   daemon sees the pending SIGKILL and answers EINTR: fuser cannot pass the kernel's
+//!   INTERRUPT on, so without that the kernel would wait for the commit); its close at exit
+//!   (a FLUSH from an exiting task) is answered the same way;
 //! - once the disk is thawed, the stuck commit completes, closes are durable again, and what
 //!   was written during the hang (answered EIO, but kept pending) is committed too: nothing
 //!   is lost, `spoolfs fsck` is clean and every file reads back after a remount.
@@ -21,9 +23,9 @@ mod common;
 
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::disk::*;
@@ -61,14 +63,33 @@ fn storage_errors(port: u16) -> f64 {
     sample(&metrics, "spoolfs_storage_errors_total").unwrap_or(0.0)
 }
 
-#[test]
-fn a_hung_disk_bounds_every_wait_and_loses_nothing() {
-    let Some(t) = TestFs::new() else { return };
+/// The tests of this file run one at a time: a test forking a child (python3, mount) copies
+/// every open descriptor into it until its exec closes them, and each of those closes is a
+/// FLUSH, which would wait on the other test's frozen disk.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// spoolfs in the foreground on an ext4 loop filesystem (which the test freezes), with
+/// `-o commit_timeout=SECONDS`, metrics on a free port and its log outside the data dir.
+fn mount_on_ext4(t: &TestFs, timeout_s: u64) -> (ScratchFs, MountGuard, u16, PathBuf) {
     let disk = ScratchFs::ext4(&t.data, &t.root().join("disk.img"), 128);
     let port = free_port();
     let log = t.root().join("daemon.log");
-    let timeout_opt = format!("commit_timeout={TIMEOUT_S}");
-    let m = mount_foreground(&t, &[&timeout_opt], port, &log);
+    let timeout_opt = format!("commit_timeout={timeout_s}");
+    let m = mount_foreground(t, &[&timeout_opt], port, &log);
+    (disk, m, port, log)
+}
+
+#[test]
+fn a_hung_disk_bounds_every_wait_and_loses_nothing() {
+    let _serial = serial();
+    let Some(t) = TestFs::new() else { return };
+    let (disk, m, port, log) = mount_on_ext4(&t, TIMEOUT_S);
     let daemon_log = || fs::read_to_string(&log).unwrap_or_default();
 
     // Durable before the hang.
@@ -130,32 +151,6 @@ fn a_hung_disk_bounds_every_wait_and_loses_nothing() {
         "no log line names the stuck commit and the data dir:\n{text}"
     );
 
-    // A caller killed inside fsync goes away (within the timeout: the kernel waits for the
-    // answer to a request it already sent).
-    let script = "import os, sys\n\
-                  fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)\n\
-                  os.write(fd, b'x' * 4096)\n\
-                  print('fsync', flush=True)\n\
-                  os.fsync(fd)\n";
-    let mut child = Command::new("python3")
-        .args(["-c", script])
-        .arg(t.path("queue/killed"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start python3");
-    let mut line = String::new();
-    io::BufRead::read_line(
-        &mut io::BufReader::new(child.stdout.take().expect("child stdout")),
-        &mut line,
-    )
-    .expect("read the child's output");
-    assert_eq!(line.trim(), "fsync", "the child did not reach its fsync");
-    std::thread::sleep(Duration::from_millis(200)); // let it enter the request
-    child.kill().expect("SIGKILL the child");
-    let status = bounded("a caller SIGKILLed inside fsync", waited, move || {
-        child.wait()
-    });
-    assert!(status.is_ok(), "wait for the killed child: {status:?}");
     assert!(
         m.alive(),
         "the daemon died during the hang: {}",
@@ -181,13 +176,7 @@ fn a_hung_disk_bounds_every_wait_and_loses_nothing() {
         Some(200),
         "readyz after the thaw"
     );
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            http_get(port, "/metrics").and_then(|(_, body)| sample(&body, "spoolfs_open_handles"))
-                == Some(0.0)
-        }),
-        "handles leaked after the hang"
-    );
+    assert!(handles_released(port), "handles leaked after the hang");
     let text = daemon_log();
     assert!(!text.contains("panicked"), "the daemon panicked:\n{text}");
 
@@ -198,6 +187,64 @@ fn a_hung_disk_bounds_every_wait_and_loses_nothing() {
         let got = read_all(&t.path(name)).unwrap_or_else(|e| panic!("read {name}: {e}"));
         assert_bytes_eq(&got, data, name);
     }
+    m.umount();
+    drop(disk);
+}
+
+#[test]
+fn a_caller_killed_while_it_waits_for_a_hung_disk_goes_away() {
+    let _serial = serial();
+    let Some(t) = TestFs::new() else { return };
+    let (disk, m, port, log) = mount_on_ext4(&t, 3600);
+    let daemon_log = || fs::read_to_string(&log).unwrap_or_default();
+    fs::create_dir(t.path("queue")).expect("mkdir queue");
+    let frozen = disk.freeze();
+
+    // Inside fsync (a commit that cannot finish for an hour): killed, it must go away, and
+    // so must its close at exit.
+    let script = "import os, sys\n\
+                  fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)\n\
+                  os.write(fd, b'x' * 4096)\n\
+                  print('fsync', flush=True)\n\
+                  os.fsync(fd)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .arg(t.path("queue/killed"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut line = String::new();
+    io::BufRead::read_line(
+        &mut io::BufReader::new(child.stdout.take().expect("child stdout")),
+        &mut line,
+    )
+    .expect("read the child's output");
+    assert_eq!(line.trim(), "fsync", "the child did not reach its fsync");
+    std::thread::sleep(Duration::from_millis(300)); // let it enter the request
+    child.kill().expect("SIGKILL the child");
+    let status = bounded("a caller SIGKILLed inside fsync", HANG_GUARD, move || {
+        child.wait()
+    });
+    assert!(status.is_ok(), "wait for the killed child: {status:?}");
+    assert!(errors_answered(port, "EINTR") >= 1.0, "no EINTR answered");
+    assert!(
+        daemon_log().contains("answered EINTR"),
+        "no log line for the abandoned wait:\n{}",
+        daemon_log()
+    );
+
+    // The disk answers again: the commit completes, the handle was released, nothing leaked.
+    frozen.thaw();
+    let p = t.path("queue/after");
+    bounded("close after the thaw", HANG_GUARD, move || {
+        write_file(&p, b"after the thaw")
+    })
+    .expect("a close after the disk answers again");
+    assert!(handles_released(port), "the killed caller's handle leaked");
+    assert!(m.alive(), "the daemon died: {}", daemon_log());
+    m.umount();
+    t.assert_fsck_clean("after the killed caller");
+    let m = t.mount();
     let killed = fs::metadata(t.path("queue/killed")).expect("the killed child's file");
     assert!(killed.len() <= 4096, "the killed child's file: {killed:?}");
     m.umount();

@@ -229,6 +229,24 @@ pub fn sum_samples(body: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// `spoolfs_request_errors_total` summed over operations for one errno name (`"EIO"`).
+pub fn errors_answered(port: u16, errno: &str) -> f64 {
+    let (_, metrics) = http_get(port, "/metrics").expect("scrape /metrics");
+    sum_samples(
+        &metrics,
+        "spoolfs_request_errors_total",
+        &[&format!("errno=\"{errno}\"")],
+    )
+}
+
+/// Wait (up to 10 s) until `spoolfs_open_handles` is 0: every handle was released.
+pub fn handles_released(port: u16) -> bool {
+    super::wait_until(Duration::from_secs(10), || {
+        http_get(port, "/metrics").and_then(|(_, body)| sample(&body, "spoolfs_open_handles"))
+            == Some(0.0)
+    })
+}
+
 /// Like `TestFs::mount_full`, with the metrics endpoint on `127.0.0.1:port` instead of off;
 /// returns once `/metrics` answers.
 pub fn mount_with_metrics(t: &super::TestFs, opts: &[&str], port: u16) -> super::MountGuard {

@@ -22,6 +22,7 @@ use tracing::{debug, error, info, warn};
 
 use std::sync::Arc;
 
+use crate::callers;
 use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
@@ -156,8 +157,13 @@ const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause before retrying a failed commit (after reopening the database).
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
-/// A reply held until the changes it depends on are durable, with when it started waiting.
-type Held = (Responder, Result<Reply, Errno>, Instant);
+/// A reply held until the changes it depends on are durable, with when it started waiting
+/// and the task that waits (the request's pid: a thread id).
+type Held = (Responder, Result<Reply, Errno>, Instant, u32);
+
+/// How old a wait must be before the actor checks whether its caller gave up, and how often
+/// it checks (see `callers::gave_up`). Healthy commits take well under this.
+const CALLER_CHECK: Duration = Duration::from_millis(200);
 
 /// The commit running on a blocking task, with the replies that wait for it.
 struct InFlight {
@@ -203,6 +209,8 @@ pub struct Actor {
     space: SpaceGuard,
     /// Storage failures: counted, logged, and the shared health state.
     faults: Faults,
+    /// When the callers of old waits were last looked at (`CALLER_CHECK`).
+    callers_checked: Instant,
     /// Releases and forgets that arrived while the database was closed after a storage
     /// failure: answered at once (the kernel ignores their answers), applied once it is
     /// reopened, so that handles and lookup counts do not leak and an unlinked file closed
@@ -312,6 +320,7 @@ impl Actor {
             metrics,
             inodes_refreshed: None,
             deferred: Vec::new(),
+            callers_checked: Instant::now(),
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -397,14 +406,20 @@ impl Actor {
                 .is_some_and(|f| f.started.elapsed() < self.config.commit_timeout)
     }
 
-    /// The next instant something is due: a forced commit, a retry, or a wait's timeout.
+    /// The next instant something is due: a forced commit, a retry, a wait's timeout, or a
+    /// look at whether old waits' callers gave up.
     fn next_deadline(&self) -> Option<Instant> {
-        let oldest_wait = self
+        let oldest = self
             .in_flight
             .as_ref()
             .and_then(|f| f.replies.first())
             .or(self.waiting.first())
-            .map(|(_, _, since)| *since + self.config.commit_timeout);
+            .map(|(_, _, since, _)| *since);
+        let oldest_wait = oldest.map(|since| {
+            let timeout = since + self.config.commit_timeout;
+            let check = (since + CALLER_CHECK).max(self.callers_checked + CALLER_CHECK);
+            timeout.min(check)
+        });
         let commit_due = if self.in_flight.is_some() {
             None
         } else {
@@ -453,7 +468,7 @@ impl Actor {
         if self.state.current().is_empty() {
             // Everything answered so far is durable.
             self.undurable_since = None;
-            for (reply, r, _) in self.waiting.drain(..) {
+            for (reply, r, _, _) in self.waiting.drain(..) {
                 reply(r);
             }
             return;
@@ -504,7 +519,7 @@ impl Actor {
     fn commit_durable(&mut self) {
         if let Some(flight) = &mut self.in_flight {
             flight.durable = true;
-            for (reply, r, _) in flight.replies.drain(..) {
+            for (reply, r, _, _) in flight.replies.drain(..) {
                 reply(r);
             }
         }
@@ -534,7 +549,7 @@ impl Actor {
                 } else {
                     self.undurable_since = Some(Instant::now());
                 }
-                for (reply, r, _) in flight.replies {
+                for (reply, r, _, _) in flight.replies {
                     reply(r);
                 }
             }
@@ -542,7 +557,7 @@ impl Actor {
                 let errno = self.faults.commit_failed(&e);
                 self.state.commit_failed();
                 self.retry_at = Some(Instant::now() + RETRY_DELAY);
-                for (reply, _, _) in flight.replies {
+                for (reply, _, _, _) in flight.replies {
                     reply(Err(errno));
                 }
             }
@@ -550,28 +565,51 @@ impl Actor {
         self.refresh_gauges();
     }
 
-    /// Answer EIO to every reply that has waited for durability longer than the timeout.
+    /// Answer EIO to every reply that has waited for durability longer than the timeout, and
+    /// EINTR to waits older than `CALLER_CHECK` whose caller gave up (killed or exiting:
+    /// fuser cannot pass the kernel's INTERRUPT on; see `callers`).
     fn expire_waits(&mut self) {
         let timeout = self.config.commit_timeout;
-        let expired = |since: &Instant| since.elapsed() >= timeout;
-        let mut late = Vec::new();
-        if let Some(flight) = &mut self.in_flight {
-            let (old, keep): (Vec<Held>, Vec<Held>) =
-                flight.replies.drain(..).partition(|h| expired(&h.2));
-            flight.replies = keep;
-            late.extend(old);
+        let check_callers = self.callers_checked.elapsed() >= CALLER_CHECK;
+        if check_callers {
+            self.callers_checked = Instant::now();
         }
-        let (old, keep): (Vec<Held>, Vec<Held>) =
-            self.waiting.drain(..).partition(|h| expired(&h.2));
-        self.waiting = keep;
-        late.extend(old);
+        let mut late = Vec::new();
+        let mut abandoned = Vec::new();
+        let mut sort = |held: Vec<Held>| {
+            let mut keep = Vec::with_capacity(held.len());
+            for h in held {
+                let waited = h.2.elapsed();
+                if waited >= timeout {
+                    late.push(h);
+                } else if check_callers && waited >= CALLER_CHECK && callers::gave_up(h.3) {
+                    abandoned.push(h);
+                } else {
+                    keep.push(h);
+                }
+            }
+            keep
+        };
+        if let Some(flight) = &mut self.in_flight {
+            flight.replies = sort(std::mem::take(&mut flight.replies));
+        }
+        self.waiting = sort(std::mem::take(&mut self.waiting));
+        if !abandoned.is_empty() {
+            info!(
+                callers = abandoned.len(),
+                "callers killed or exiting while they waited for a commit: answered EINTR"
+            );
+            for (reply, _, _, _) in abandoned {
+                reply(Err(Errno::EINTR));
+            }
+        }
         if !late.is_empty() {
             self.metrics.storage_errors.inc();
             error!(waiting = late.len(), timeout_s = timeout.as_secs(),
                 data_dir = %self.config.data_dir.display(),
                 "a durable commit did not finish in time: answering EIO; the changes stay pending. \
                  Check the disk holding the data dir");
-            for (reply, _, _) in late {
+            for (reply, _, _, _) in late {
                 reply(Err(Errno::EIO));
             }
         }
@@ -607,7 +645,7 @@ impl Actor {
                 warn!(error = %e, "final checkpoint failed: the next mount replays the log");
             }
         }
-        for (reply, r, _) in self.waiting.drain(..) {
+        for (reply, r, _, _) in self.waiting.drain(..) {
             reply(r.and_then(|r| result.clone().map(|()| r).map_err(|_| Errno::EIO)));
         }
         info!(
@@ -666,7 +704,7 @@ impl Actor {
             };
             self.requests += 1;
             log_request(&m, name, &result, started);
-            replies.push((m.reply, result, needs_durable));
+            replies.push((m.reply, result, needs_durable, m.caller.pid));
         }
         if self.next_ino != start_ino {
             self.state.set_meta(META_NEXT_INO, self.next_ino);
@@ -676,15 +714,15 @@ impl Actor {
         }
         self.metrics.batch_size.observe(replies.len() as f64);
         let now = Instant::now();
-        for (reply, result, needs_durable) in replies {
+        for (reply, result, needs_durable, pid) in replies {
             if !needs_durable || result.is_err() {
                 reply(result);
             } else if !self.state.current().is_empty() {
                 // Its changes (or earlier ones) are pending: wait for the next commit.
-                self.waiting.push((reply, result, now));
+                self.waiting.push((reply, result, now, pid));
             } else if let Some(flight) = self.in_flight.as_mut().filter(|f| !f.durable) {
                 // Everything before it is in the commit already running.
-                flight.replies.push((reply, result, now));
+                flight.replies.push((reply, result, now, pid));
             } else {
                 // Everything before it is durable.
                 reply(result);

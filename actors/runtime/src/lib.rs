@@ -2,6 +2,7 @@
 //! staging of file content, and the notify pool.
 
 pub mod actor;
+mod callers;
 pub mod content;
 pub mod health;
 pub mod msg;
