@@ -345,7 +345,7 @@ impl Actor {
             let accept = open && !self.over_limit();
             if accept && !self.config.poll.is_zero() {
                 if let Some(m) = poll_for_request(&rx, &done_rx, self.config.poll) {
-                    self.handle_polled(m, &rx);
+                    self.apply_with_queued(m, &rx);
                     continue;
                 }
             }
@@ -366,16 +366,7 @@ impl Actor {
             match event {
                 Event::Commit(CommitEvent::Durable) => self.commit_durable(),
                 Event::Commit(CommitEvent::Done(result)) => self.finish_commit(result),
-                Event::Msg(m) => {
-                    let mut batch = vec![m];
-                    while batch.len() < self.config.max_batch {
-                        match rx.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                    self.apply_batch(batch);
-                }
+                Event::Msg(m) => self.apply_with_queued(m, &rx),
                 Event::Closed => open = false,
                 Event::Tick => self.expire_waits(),
             }
@@ -383,8 +374,8 @@ impl Actor {
         self.shutdown();
     }
 
-    /// A request that arrived while polling, with whatever queued behind it.
-    fn handle_polled(&mut self, m: Msg, rx: &flume::Receiver<Msg>) {
+    /// Apply a request with whatever queued behind it (up to `max_batch`), as one batch.
+    fn apply_with_queued(&mut self, m: Msg, rx: &flume::Receiver<Msg>) {
         let mut batch = vec![m];
         while batch.len() < self.config.max_batch {
             match rx.try_recv() {
