@@ -530,7 +530,7 @@ pub fn fsck(data_dir: &Path, repair: bool) -> Result<(), Failure> {
         .map_err(|e| Failure::new(OPERATIONAL, e.to_string()))?;
     // Recovery first, as a mount does (like e2fsck replaying the journal): the write-ahead
     // log may hold the last operations of a daemon that did not stop cleanly.
-    let (_, replayed) = spoolfs_store::Wal::open(&db, data_dir).map_err(|e| {
+    let (wal, replayed) = spoolfs_store::Wal::open(&db, data_dir).map_err(|e| {
         Failure::new(
             OPERATIONAL,
             format!("{}: replay the write-ahead log: {e}", data_dir.display()),
@@ -540,6 +540,13 @@ pub fn fsck(data_dir: &Path, repair: bool) -> Result<(), Failure> {
         println!(
             "{}: replayed {replayed} write-ahead log entries",
             data_dir.display()
+        );
+    }
+    if let Some(from) = wal.upgraded_from() {
+        println!(
+            "{}: upgraded the database from schema version {from} to {}",
+            data_dir.display(),
+            spoolfs_store::SCHEMA_VERSION
         );
     }
     let tty = std::io::stderr().is_terminal();

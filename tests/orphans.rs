@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::*;
 
-const CHUNK: usize = 64 * 1024;
+/// The content chunk size, so the sizes below sit on chunk boundaries.
+const CHUNK: usize = spoolfs_core::CHUNK_SIZE as usize;
 
 #[test]
 fn unlinked_open_file_keeps_working_until_closed() {

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use common::*;
 
-const CHUNK: usize = 64 * 1024;
+/// The content chunk size, so the sizes below sit on chunk boundaries.
+const CHUNK: usize = spoolfs_core::CHUNK_SIZE as usize;
 
 /// What can be observed of one path, compared before and after the restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,7 +124,7 @@ fn populate(mnt: &Path) -> Expected {
     fs::create_dir(mnt.join("empty")).expect("mkdir");
     fs::create_dir(mnt.join("many")).expect("mkdir");
 
-    // Sizes around the 64 KiB chunk boundary and spanning several chunks.
+    // Sizes around the chunk boundary and spanning several chunks.
     let sizes: [(&'static str, usize); 12] = [
         ("f_0", 0),
         ("f_1", 1),

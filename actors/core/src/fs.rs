@@ -1015,7 +1015,7 @@ impl Fs {
             return Err(Errno::ENODEV);
         }
         if punch {
-            data::punch_hole(s, ino, offset, end.min(inode.size))?;
+            data::punch_hole(s, ino, offset, end.min(inode.size), inode.size)?;
             inode.mtime = ctx.now;
             inode.ctime = ctx.now;
             s.put_inode(&inode)?;

@@ -13,6 +13,9 @@ pub struct MemStore {
     pub xattrs: BTreeMap<(Ino, Vec<u8>), Vec<u8>>,
     pub chunks: BTreeMap<(Ino, u64), Vec<u8>>,
     pub orphans: BTreeSet<Ino>,
+    /// Calls of the chunk methods, so tests can check that an operation's cost follows the
+    /// stored chunks and not the file's length.
+    pub chunk_calls: u64,
 }
 
 impl Store for MemStore {
@@ -84,6 +87,7 @@ impl Store for MemStore {
             .collect())
     }
     fn read_chunk(&mut self, ino: Ino, idx: u64, offset: usize, buf: &mut [u8]) -> StoreResult<()> {
+        self.chunk_calls += 1;
         buf.fill(0);
         if let Some(chunk) = self.chunks.get(&(ino, idx)) {
             copy_out(chunk, offset, buf);
@@ -91,23 +95,27 @@ impl Store for MemStore {
         Ok(())
     }
     fn write_chunk(&mut self, ino: Ino, idx: u64, offset: usize, data: &[u8]) -> StoreResult<()> {
+        self.chunk_calls += 1;
         let chunk = self.chunks.entry((ino, idx)).or_default();
         copy_in(chunk, offset, data);
         Ok(())
     }
     fn truncate_chunk(&mut self, ino: Ino, idx: u64, len: usize) -> StoreResult<()> {
+        self.chunk_calls += 1;
         if let Some(chunk) = self.chunks.get_mut(&(ino, idx)) {
             chunk.truncate(len);
         }
         Ok(())
     }
     fn remove_chunks(&mut self, ino: Ino, from: u64, to: Option<u64>) -> StoreResult<()> {
+        self.chunk_calls += 1;
         let to = to.unwrap_or(u64::MAX);
         self.chunks
             .retain(|(i, idx), _| *i != ino || *idx < from || *idx >= to);
         Ok(())
     }
     fn next_chunk(&mut self, ino: Ino, from: u64) -> StoreResult<Option<u64>> {
+        self.chunk_calls += 1;
         Ok(self
             .chunks
             .range((ino, from)..=(ino, u64::MAX))

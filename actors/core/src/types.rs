@@ -261,4 +261,7 @@ pub struct DirEntry {
 }
 
 /// Content is stored in chunks of this many bytes, keyed by (ino, offset / CHUNK_SIZE).
-pub const CHUNK_SIZE: u64 = 64 * 1024;
+/// 64 KiB less 64 bytes: redb stores a chunk with its leaf header in one page, and pages
+/// are powers of two, so a full 64 KiB chunk took a 128 KiB page (twice the disk writes and
+/// database size). Schema version 1 used 64 KiB (see `spoolfs_store::migrate`).
+pub const CHUNK_SIZE: u64 = 64 * 1024 - 64;

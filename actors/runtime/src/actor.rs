@@ -259,6 +259,13 @@ impl Actor {
                 "replayed write-ahead log entries from the previous run"
             );
         }
+        if let Some(from) = wal.upgraded_from() {
+            info!(
+                from,
+                to = spoolfs_store::SCHEMA_VERSION,
+                "upgraded the database's schema"
+            );
+        }
         let mut fs = Fs::new(config.limits);
         let next_ino;
         {

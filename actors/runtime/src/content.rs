@@ -511,7 +511,7 @@ mod tests {
         }
         for idx in 0..chunks {
             let start = idx * CHUNK_SIZE + 100;
-            data::punch_hole(&mut s, ino, start, start + 100)?;
+            data::punch_hole(&mut s, ino, start, start + 100, size)?;
             s.put_inode(&file(ino, size))?;
             s.cache.end_op();
             assert!(

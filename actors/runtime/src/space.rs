@@ -55,8 +55,9 @@ use crate::msg::{Op, Statfs};
 pub const DEFAULT_RESERVE_MIN: u64 = 64 << 20;
 pub const DEFAULT_RESERVE_PERCENT: u32 = 1;
 
-/// Bytes of storage one byte of file content takes once persisted: redb puts each 64 KiB
-/// chunk in a 128 KiB page (measured: 100 MB of content, 195 MB of file).
+/// Bytes of storage one byte of file content may take once persisted: a full chunk fills a
+/// 64 KiB page (measured: 1 GiB of content, 1.1 GB of file), but a leaf where small records
+/// share a page with a full chunk takes twice that, so admission charges the worst case.
 const STORED_PER_STAGED: u64 = 2;
 /// What creating a name costs at most: an inode record, a dentry, the parent's inode, and the
 /// pages redb copies to change them.

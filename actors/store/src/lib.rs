@@ -9,7 +9,7 @@
 //! | `dentries` | (parent `u64`, name)  | (ino `u64`, kind `u8`)         | readdir needs no inode reads           |
 //! | `xattrs`   | (ino `u64`, name)     | value bytes                    | names carry their namespace prefix     |
 //! | `symlinks` | ino `u64`             | target bytes                   |                                        |
-//! | `chunks`   | (ino `u64`, idx `u64`)| up to CHUNK_SIZE bytes         | bytes [idx*CHUNK_SIZE, ...); a missing chunk is a hole; no byte at or past the file size |
+//! | `chunks`   | (ino `u64`, idx `u64`)| up to CHUNK_SIZE (65,472) B    | bytes [idx*CHUNK_SIZE, ...); a missing chunk is a hole; no byte at or past the file size |
 //! | `orphans`  | ino `u64`             | `()`                           | nlink 0 but still open/looked up; reclaimed at start |
 //! | `meta`     | name `&str`           | `u64`                          | `schema_version`, `next_ino`, `wal_seq`, `wal_salt` |
 //!
@@ -17,6 +17,7 @@
 
 pub mod codec;
 pub mod fsck;
+pub mod migrate;
 pub mod pending;
 pub mod space;
 mod tables;
@@ -37,7 +38,8 @@ pub const ORPHANS: TableDefinition<u64, ()> = TableDefinition::new("orphans");
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Bumped whenever a record encoding or the key layout changes.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Older versions are upgraded when the log is opened (`migrate`).
+pub const SCHEMA_VERSION: u64 = 2;
 pub const META_SCHEMA_VERSION: &str = "schema_version";
 /// The next inode number to hand out; numbers are never reused.
 pub const META_NEXT_INO: &str = "next_ino";

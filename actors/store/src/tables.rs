@@ -25,8 +25,8 @@ pub enum OpenError {
         source: redb::DatabaseError,
     },
     #[error(
-        "database {path} has schema version {found}, this spoolfs understands {SCHEMA_VERSION}: \
-         use the spoolfs release that wrote it, or migrate"
+        "database {path} has schema version {found}, this spoolfs understands 1 to {SCHEMA_VERSION}: \
+         it was written by a newer spoolfs; use that release"
     )]
     Schema { path: String, found: u64 },
     #[error("cannot initialise database {path}: {message}")]
@@ -38,7 +38,8 @@ pub enum OpenError {
 /// memory bounded (memfd budget + pending changes + this) at little cost.
 const CACHE_BYTES: usize = 64 << 20;
 
-/// Open (or create) the database and check or stamp its schema version.
+/// Open (or create) the database and check or stamp its schema version. `Wal::open` must
+/// follow: it replays the log and upgrades an older schema (`migrate`).
 pub fn open_database(path: &Path) -> Result<Database, OpenError> {
     let shown = path.display().to_string();
     let db = Database::builder()
@@ -64,7 +65,9 @@ pub fn open_database(path: &Path) -> Result<Database, OpenError> {
         }
     };
     match found {
-        Some(SCHEMA_VERSION) => {}
+        // Older versions are upgraded by `Wal::open`, after the log (written in their
+        // layout) is replayed: open a database only through both.
+        Some(1..=SCHEMA_VERSION) => {}
         Some(other) => {
             return Err(OpenError::Schema {
                 path: shown,

@@ -99,6 +99,8 @@ pub struct Wal {
     /// Reused encoding buffer.
     buf: Vec<u8>,
     limits: WalLimits,
+    /// The schema version the database had, if opening it upgraded it.
+    upgraded_from: Option<u64>,
 }
 
 fn fail(context: &str, e: impl std::fmt::Display, no_space: bool) -> CommitFailure {
@@ -119,6 +121,11 @@ impl Wal {
     /// log, empty, and how many entries were replayed.
     pub fn open(db: &Database, data_dir: &Path) -> Result<(Wal, usize), CommitFailure> {
         Wal::open_with(db, data_dir, WalLimits::for_dir(data_dir))
+    }
+
+    /// The schema version the database was upgraded from when the log was opened.
+    pub fn upgraded_from(&self) -> Option<u64> {
+        self.upgraded_from
     }
 
     /// `open` with other sizes.
@@ -162,6 +169,7 @@ impl Wal {
             .map_err(|e| fail("begin write", e, false))?;
         txn.set_durability(Durability::Immediate)
             .map_err(|e| fail("set durability", e, false))?;
+        let upgraded_from;
         {
             let mut t = Tables::open(&txn).map_err(|e| fail("open tables", e, false))?;
             for delta in &deltas {
@@ -170,6 +178,11 @@ impl Wal {
                         .map_err(|e| fail("replay the log", e, false))?;
                 }
             }
+            // The replayed entries are in the layout of the version the database has; an
+            // upgrade comes after them, in the same transaction.
+            let found = crate::migrate::upgrade(&mut t)
+                .map_err(|e| fail("upgrade the schema", e, false))?;
+            upgraded_from = (found != SCHEMA_VERSION).then_some(found);
             t.set_meta(META_WAL_SEQ, next_seq)
                 .map_err(|e| fail("write meta", e, false))?;
             t.set_meta(META_WAL_SALT, new_salt)
@@ -194,6 +207,7 @@ impl Wal {
                 salt: new_salt,
                 buf: Vec::new(),
                 limits,
+                upgraded_from,
             },
             replayed,
         ))

@@ -18,6 +18,24 @@ fn ctx() -> Ctx {
     }
 }
 
+/// Create `name` in the root, open for writing, with the next inode number.
+fn create(fs: &mut Fs, t: &mut Tables<'_>, next: &mut u64, name: &str) -> (Ino, spoolfs_core::Fh) {
+    let ino = Ino(*next);
+    *next += 1;
+    let (_, fh) = fs
+        .create(
+            t,
+            &ctx(),
+            Ino::ROOT,
+            name.as_bytes(),
+            0o644,
+            libc::O_RDWR,
+            ino,
+        )
+        .expect("create");
+    (ino, fh)
+}
+
 struct Db {
     _dir: tempfile::TempDir,
     db: Database,
@@ -58,20 +76,7 @@ impl Db {
     fn write_files(&mut self, prefix: &str, count: usize, size: usize, xattr: usize) {
         self.batch(|fs, t, next| {
             for i in 0..count {
-                let name = format!("{prefix}-{i}");
-                let ino = Ino(*next);
-                *next += 1;
-                let (_, fh) = fs
-                    .create(
-                        t,
-                        &ctx(),
-                        Ino::ROOT,
-                        name.as_bytes(),
-                        0o644,
-                        libc::O_RDWR,
-                        ino,
-                    )
-                    .expect("create");
+                let (ino, fh) = create(fs, t, next, &format!("{prefix}-{i}"));
                 let data = vec![(i % 251) as u8; size];
                 let mut off = 0;
                 while off < size {
@@ -161,4 +166,47 @@ fn estimate_bounds_large_files_xattrs_and_tails() {
     assert_upper_bound(&mut db, "a third and a half deleted");
     db.write_files("mixed", 200, 70_000, 2000);
     assert_upper_bound(&mut db, "rewritten");
+}
+
+/// Files growing in turns, one commit per step, as concurrent writers' flushes arrive: each
+/// step appends part of a chunk to one file, so full chunks are inserted between other
+/// files' chunks and short tails are rewritten in place again and again.
+#[test]
+fn estimate_bounds_files_growing_in_turns() {
+    let mut db = Db::new();
+    let files: Vec<(Ino, spoolfs_core::Fh)> = (0..12)
+        .map(|i| {
+            let mut created = None;
+            db.batch(|fs, t, next| {
+                created = Some(create(fs, t, next, &format!("grow-{i}")));
+            });
+            created.expect("created")
+        })
+        .collect();
+    let mut sizes = vec![0u64; files.len()];
+    for step in 0..240usize {
+        let k = (step * 7) % files.len();
+        let (ino, fh) = files[k];
+        // 5 KiB to 45 KiB per step: most steps end inside a chunk
+        let len = 5_000 + (step * 4099) % 40_000;
+        let at = sizes[k];
+        db.batch(|fs, t, _| {
+            fs.write(t, &ctx(), ino, fh, at, &vec![step as u8; len])
+                .expect("write");
+        });
+        sizes[k] += len as u64;
+    }
+    assert_upper_bound(&mut db, "12 files grown in turns");
+    db.batch(|fs, t, _| {
+        for (i, (ino, fh)) in files.iter().enumerate() {
+            fs.release(t, *ino, *fh).expect("release");
+            fs.forget(t, *ino, 1).expect("forget");
+            if i % 2 == 0 {
+                let name = format!("grow-{i}");
+                fs.unlink(t, &ctx(), Ino::ROOT, name.as_bytes())
+                    .expect("unlink");
+            }
+        }
+    });
+    assert_upper_bound(&mut db, "half of them deleted");
 }
