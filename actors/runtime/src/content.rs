@@ -13,12 +13,19 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use nix::fcntl::{fallocate, FallocateFlags};
 use spoolfs_core::{Dentry, Ino, Inode, Store, StoreError, StoreResult, CHUNK_SIZE};
-use spoolfs_store::Pending;
+use spoolfs_store::{Pending, SharedBytes};
+use tracing::error;
 
 const CHUNK: usize = CHUNK_SIZE as usize;
+
+/// A persist of at least this many chunks of one file hands the delta the file's memfd,
+/// mapped, instead of copies of the chunks, and the file gets a fresh memfd (see
+/// `SharedBytes`). Below this, copying is cheaper than a new memfd and a mapping.
+pub const SHARE_MIN_CHUNKS: usize = 16;
 
 fn io_err(what: &str, ino: Ino, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{what} for inode {ino}: {e}"))
@@ -35,6 +42,21 @@ struct Staged {
     attrs: Option<Inode>,
 }
 
+/// What an operation took from one file's buffer to persist it, to give back on rollback.
+struct Taken {
+    ino: Ino,
+    dirty: BTreeSet<u64>,
+    attrs: Option<Inode>,
+    /// The memfd the persist detached and shared with the delta, with the chunks it held.
+    detached: Option<Detached>,
+}
+
+struct Detached {
+    memfd: File,
+    map: Arc<memmap2::Mmap>,
+    present: BTreeSet<u64>,
+}
+
 /// All staging buffers, owned by the actor.
 pub struct ContentCache {
     files: HashMap<Ino, Staged>,
@@ -43,10 +65,12 @@ pub struct ContentCache {
     /// What the current operation took from the buffers to persist it (dirty chunks and
     /// attributes per file), so that an operation rolled back can give it back: its persisted
     /// copy is rolled back with it, and the data must stay marked unsaved.
-    taken: Vec<(Ino, BTreeSet<u64>, Option<Inode>)>,
+    taken: Vec<Taken>,
     /// Files the current operation evicted: their memfds are emptied only once it succeeds
     /// (until then the memfd is the only copy of what a rollback would undo).
     evicted: Vec<Ino>,
+    /// `SHARE_MIN_CHUNKS` (tests lower it).
+    share_min_chunks: usize,
 }
 
 impl ContentCache {
@@ -57,7 +81,14 @@ impl ContentCache {
             resident_chunks: 0,
             taken: Vec::new(),
             evicted: Vec::new(),
+            share_min_chunks: SHARE_MIN_CHUNKS,
         }
+    }
+
+    /// Share (instead of copy) persists of at least `chunks` chunks.
+    pub fn with_share_min_chunks(mut self, chunks: usize) -> Self {
+        self.share_min_chunks = chunks;
+        self
     }
 
     /// An operation starts (see `taken`).
@@ -87,11 +118,15 @@ impl ContentCache {
     /// The operation was rolled back: what it persisted is unsaved again.
     pub fn rollback_op(&mut self) {
         self.evicted.clear();
-        for (ino, dirty, attrs) in std::mem::take(&mut self.taken).into_iter().rev() {
-            if let Some(f) = self.files.get_mut(&ino) {
-                f.dirty.extend(dirty);
+        for t in std::mem::take(&mut self.taken).into_iter().rev() {
+            if let Some(f) = self.files.get_mut(&t.ino) {
+                if let Some(d) = t.detached {
+                    self.resident_chunks -= f.present.len() as u64;
+                    self.resident_chunks += restore(f, t.ino, d, &t.dirty);
+                }
+                f.dirty.extend(t.dirty);
                 if f.attrs.is_none() {
-                    f.attrs = attrs;
+                    f.attrs = t.attrs;
                 }
             }
         }
@@ -152,7 +187,51 @@ impl<'a> BatchStore<'a> {
         }
         let dirty = std::mem::take(&mut f.dirty);
         let attrs = f.attrs.take();
-        self.cache.taken.push((ino, dirty.clone(), attrs.clone()));
+        let stored = dirty.iter().filter(|idx| **idx < size.div_ceil(CHUNK_SIZE));
+        if stored.count() >= self.cache.share_min_chunks {
+            match detach(f, ino, size) {
+                Ok(d) => {
+                    self.cache.resident_chunks -= d.present.len() as u64;
+                    let map: Arc<dyn AsRef<[u8]> + Send + Sync> = d.map.clone();
+                    self.cache.taken.push(Taken {
+                        ino,
+                        dirty: dirty.clone(),
+                        attrs: attrs.clone(),
+                        detached: Some(d),
+                    });
+                    self.wrote = true;
+                    for idx in dirty {
+                        let base = idx * CHUNK_SIZE;
+                        if base >= size {
+                            self.tables.remove_chunk(ino, idx);
+                            continue;
+                        }
+                        let len = (size - base).min(CHUNK_SIZE);
+                        // base + len <= size: inside the mapping, so it fits in usize
+                        let range = base as usize..(base + len) as usize;
+                        let Some(b) = SharedBytes::new(map.clone(), range) else {
+                            let e = io_err("share memfd", ino, "chunk outside the mapping");
+                            return self.check(Err(e));
+                        };
+                        self.tables.put_chunk_shared(ino, idx, b);
+                    }
+                    drop(map);
+                    if let Some(attrs) = attrs {
+                        let r = self.tables.put_inode(&attrs);
+                        self.write(r)?;
+                    }
+                    return Ok(());
+                }
+                // Not fatal: the chunks are copied instead, from the memfd still in place.
+                Err(e) => error!(ino = ino.0, error = %e, "cannot share a memfd; copying"),
+            }
+        }
+        self.cache.taken.push(Taken {
+            ino,
+            dirty: dirty.clone(),
+            attrs: attrs.clone(),
+            detached: None,
+        });
         let mut buf = vec![0u8; CHUNK];
         for idx in dirty {
             let base = idx * CHUNK_SIZE;
@@ -213,6 +292,78 @@ fn read_memfd(memfd: &File, offset: u64, buf: &mut [u8]) -> std::io::Result<()> 
         done += n;
     }
     Ok(())
+}
+
+fn new_memfd(ino: Ino) -> std::io::Result<File> {
+    let memfd = memfd::MemfdOptions::default()
+        .close_on_exec(true)
+        .create(format!("spoolfs-{ino}"))
+        .map_err(std::io::Error::other)?;
+    Ok(memfd.into_file())
+}
+
+/// Give `f` a fresh, empty memfd and map the old one, whose bytes up to `size` the delta
+/// then shares. On failure `f` keeps its memfd.
+fn detach(f: &mut Staged, ino: Ino, size: u64) -> Result<Detached, StoreError> {
+    let len = usize::try_from(size).map_err(|e| io_err("map memfd", ino, e))?;
+    // Bytes past the memfd's end read as zeros; mapping them would fault (SIGBUS).
+    let have = f
+        .memfd
+        .metadata()
+        .map_err(|e| io_err("stat memfd", ino, e))?;
+    if have.len() < size {
+        f.memfd
+            .set_len(size)
+            .map_err(|e| io_err("extend memfd", ino, e))?;
+    }
+    // SAFETY: the mapping covers bytes below the memfd's length, and from here on nothing
+    // writes or truncates this memfd: it leaves the file's staging buffer now, and comes back
+    // only on rollback, once the delta that shared it has dropped every reference
+    // (`restore`). So the bytes behind the slices never change or go away.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(&f.memfd) }
+        .map_err(|e| io_err("map memfd", ino, e))?;
+    let fresh = new_memfd(ino).map_err(|e| io_err("create memfd", ino, e))?;
+    Ok(Detached {
+        memfd: std::mem::replace(&mut f.memfd, fresh),
+        map: Arc::new(map),
+        present: std::mem::take(&mut f.present),
+    })
+}
+
+/// Undo `detach` after a rollback dropped the delta's shares: the old memfd is the staging
+/// buffer again (anything the rolled-back operation put in the fresh one goes with it).
+/// Returns the chunks now present.
+fn restore(f: &mut Staged, ino: Ino, d: Detached, dirty: &BTreeSet<u64>) -> u64 {
+    let Detached {
+        memfd,
+        map,
+        present,
+    } = d;
+    if Arc::strong_count(&map) == 1 {
+        drop(map);
+        f.memfd = memfd;
+        f.present = present;
+        return f.present.len() as u64;
+    }
+    // Something still reads the old memfd, so it must not be written again: copy the unsaved
+    // chunks into the current one instead.
+    for idx in dirty {
+        let mut buf = vec![0u8; CHUNK];
+        let base = idx * CHUNK_SIZE;
+        let r = read_memfd(&memfd, base, &mut buf).and_then(|()| f.memfd.write_all_at(&buf, base));
+        match r {
+            Ok(()) => {
+                f.present.insert(*idx);
+            }
+            Err(e) => error!(
+                ino = ino.0,
+                chunk = idx,
+                error = %e,
+                "cannot restore a rolled-back chunk into the staging buffer"
+            ),
+        }
+    }
+    f.present.len() as u64
 }
 
 fn punch(memfd: &File, offset: u64, len: u64) -> std::io::Result<()> {
@@ -413,11 +564,8 @@ impl Store for BatchStore<'_> {
         if self.cache.files.contains_key(&ino) {
             return Ok(());
         }
-        let memfd = memfd::MemfdOptions::default()
-            .close_on_exec(true)
-            .create(format!("spoolfs-{ino}"))
-            .map_err(|e| io_err("create memfd", ino, e));
-        let memfd = self.check(memfd)?.into_file();
+        let memfd = new_memfd(ino).map_err(|e| io_err("create memfd", ino, e));
+        let memfd = self.check(memfd)?;
         self.cache.files.insert(
             ino,
             Staged {
@@ -489,10 +637,18 @@ mod tests {
     /// them in the memfd: this once staged the whole file past any budget).
     #[test]
     fn operations_end_within_the_budget() -> Result<(), Box<dyn std::error::Error>> {
+        // persists copied, and persists shared
+        for share in [usize::MAX, 1] {
+            end_within_the_budget(share)?;
+        }
+        Ok(())
+    }
+
+    fn end_within_the_budget(share: usize) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = spoolfs_store::open_database(&dir.path().join("db"))?;
         let mut state = Pending::new(db, None)?;
-        let mut cache = ContentCache::new(BUDGET);
+        let mut cache = ContentCache::new(BUDGET).with_share_min_chunks(share);
         let mut s = BatchStore::new(&mut state, &mut cache);
         let ino = Ino(2);
         let chunks = 32;
@@ -537,10 +693,18 @@ mod tests {
     #[test]
     fn a_rolled_back_operation_leaves_its_persisted_content_unsaved(
     ) -> Result<(), Box<dyn std::error::Error>> {
+        // persists copied, and persists shared (the detached memfd comes back)
+        for share in [usize::MAX, 1] {
+            rolled_back_persist_is_unsaved(share)?;
+        }
+        Ok(())
+    }
+
+    fn rolled_back_persist_is_unsaved(share: usize) -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let db = spoolfs_store::open_database(&dir.path().join("db"))?;
         let mut state = Pending::new(db, None)?;
-        let mut cache = ContentCache::new(BUDGET);
+        let mut cache = ContentCache::new(BUDGET).with_share_min_chunks(share);
         let ino = Ino(2);
         let data = vec![9u8; 6 * CHUNK];
         {
@@ -569,6 +733,55 @@ mod tests {
         s.cache.end_op();
         let got = data::read(&mut s, ino, 0, data.len())?;
         assert!(got == data, "content lost after a rollback");
+        Ok(())
+    }
+
+    /// A shared persist hands the delta the file's memfd: writes after it (while that delta
+    /// is being committed) must go to a new memfd and never change what the delta holds.
+    #[test]
+    fn a_shared_persist_is_not_changed_by_later_writes() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let db = spoolfs_store::open_database(&dir.path().join("db"))?;
+        let mut state = Pending::new(db, None)?;
+        let mut cache = ContentCache::new(u64::MAX).with_share_min_chunks(1);
+        let ino = Ino(2);
+        let size = 3 * CHUNK_SIZE + 5;
+        for (round, byte) in [1u8, 2].into_iter().enumerate() {
+            let mut s = BatchStore::new(&mut state, &mut cache);
+            if round == 0 {
+                s.put_inode(&file(ino, 0))?;
+                s.open_for_write(ino)?;
+            }
+            data::write(&mut s, ino, 0, &vec![byte; size as usize])?;
+            s.stage_inode(&file(ino, size))?;
+            s.flush(ino)?;
+            assert!(s.failed.is_none());
+            s.cache.end_op();
+            if round == 0 {
+                // The first content goes to a commit, which is still running below.
+                assert!(state.seal().is_some(), "nothing to commit");
+            }
+        }
+        let sealed = state.sealed().cloned().ok_or("no commit in flight")?;
+        let mut chunks = 0;
+        for (key, value) in sealed.records() {
+            if let spoolfs_store::pending::Key::Chunk(_, idx) = key {
+                let bytes = value
+                    .as_ref()
+                    .and_then(|v| v.bytes())
+                    .ok_or("chunk removed")?;
+                let want = (size - idx * CHUNK_SIZE).min(CHUNK_SIZE) as usize;
+                assert!(
+                    bytes == vec![1u8; want],
+                    "chunk {idx} changed under its commit"
+                );
+                chunks += 1;
+            }
+        }
+        assert_eq!(chunks, 4);
+        // And the file reads the second content.
+        let mut s = BatchStore::new(&mut state, &mut cache);
+        assert!(data::read(&mut s, ino, 0, size as usize)? == vec![2u8; size as usize]);
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ pub mod space;
 mod tables;
 pub mod wal;
 
-pub use pending::{commit_delta, CommitFailure, Delta, Pending, Snapshot};
+pub use pending::{commit_delta, CommitFailure, Delta, Pending, SharedBytes, Snapshot};
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};
 pub use wal::{Wal, WalLimits, WAL_FILE};
 

@@ -394,7 +394,7 @@ fn encode_record(out: &mut Vec<u8>, key: &Key, value: Option<&Value>) {
             if let Key::Chunk(_, x) = key {
                 out.extend_from_slice(&x.to_le_bytes());
             }
-            if let Some(Value::Bytes(b)) = value {
+            if let Some(b) = value.and_then(Value::bytes) {
                 put_bytes(out, b);
             }
         }
