@@ -113,7 +113,11 @@ class Prometheus:
     def query(self, expr):
         url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         status, body = http_get(url)
-        return status, json.loads(body)
+        try:
+            return status, json.loads(body)
+        except ValueError:
+            # While its storage starts, Prometheus answers 503 with a plain-text body.
+            return status, {}
 
     def value(self, expr):
         status, body = self.query(expr)
