@@ -187,65 +187,58 @@ impl<'a> BatchStore<'a> {
         }
         let dirty = std::mem::take(&mut f.dirty);
         let attrs = f.attrs.take();
-        let stored = dirty.iter().filter(|idx| **idx < size.div_ceil(CHUNK_SIZE));
-        if stored.count() >= self.cache.share_min_chunks {
+        // A large persist shares the memfd instead of copying it (see `SHARE_MIN_CHUNKS`).
+        let mut detached = None;
+        if dirty.range(..size.div_ceil(CHUNK_SIZE)).count() >= self.cache.share_min_chunks {
             match detach(f, ino, size) {
-                Ok(d) => {
-                    self.cache.resident_chunks -= d.present.len() as u64;
-                    let map: Arc<dyn AsRef<[u8]> + Send + Sync> = d.map.clone();
-                    self.cache.taken.push(Taken {
-                        ino,
-                        dirty: dirty.clone(),
-                        attrs: attrs.clone(),
-                        detached: Some(d),
-                    });
-                    self.wrote = true;
-                    for idx in dirty {
-                        let base = idx * CHUNK_SIZE;
-                        if base >= size {
-                            self.tables.remove_chunk(ino, idx);
-                            continue;
-                        }
-                        let len = (size - base).min(CHUNK_SIZE);
-                        // base + len <= size: inside the mapping, so it fits in usize
-                        let range = base as usize..(base + len) as usize;
-                        let Some(b) = SharedBytes::new(map.clone(), range) else {
-                            let e = io_err("share memfd", ino, "chunk outside the mapping");
-                            return self.check(Err(e));
-                        };
-                        self.tables.put_chunk_shared(ino, idx, b);
-                    }
-                    drop(map);
-                    if let Some(attrs) = attrs {
-                        let r = self.tables.put_inode(&attrs);
-                        self.write(r)?;
-                    }
-                    return Ok(());
-                }
+                Ok(d) => detached = Some(d),
                 // Not fatal: the chunks are copied instead, from the memfd still in place.
                 Err(e) => error!(ino = ino.0, error = %e, "cannot share a memfd; copying"),
             }
         }
+        let map: Option<Arc<dyn AsRef<[u8]> + Send + Sync>> = match &detached {
+            Some(d) => {
+                self.cache.resident_chunks -= d.present.len() as u64;
+                Some(d.map.clone())
+            }
+            None => None,
+        };
         self.cache.taken.push(Taken {
             ino,
             dirty: dirty.clone(),
             attrs: attrs.clone(),
-            detached: None,
+            detached,
         });
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = if map.is_none() {
+            vec![0u8; CHUNK]
+        } else {
+            Vec::new()
+        };
         for idx in dirty {
             let base = idx * CHUNK_SIZE;
+            self.wrote = true;
             if base >= size {
                 self.tables.remove_chunk(ino, idx);
-                self.wrote = true;
                 continue;
             }
             let len = (size - base).min(CHUNK_SIZE) as usize;
-            let r = read_memfd(&self.cache.files[&ino].memfd, base, &mut buf[..len])
-                .map_err(|e| io_err("read memfd", ino, e));
-            self.check(r)?;
-            self.tables.put_chunk(ino, idx, &buf[..len]);
-            self.wrote = true;
+            match &map {
+                Some(map) => {
+                    // base + len <= size: inside the mapping, so it fits in usize
+                    let range = base as usize..base as usize + len;
+                    let Some(b) = SharedBytes::new(map.clone(), range) else {
+                        let e = io_err("share memfd", ino, "chunk outside the mapping");
+                        return self.check(Err(e));
+                    };
+                    self.tables.put_chunk_shared(ino, idx, b);
+                }
+                None => {
+                    let r = read_memfd(&self.cache.files[&ino].memfd, base, &mut buf[..len])
+                        .map_err(|e| io_err("read memfd", ino, e));
+                    self.check(r)?;
+                    self.tables.put_chunk(ino, idx, &buf[..len]);
+                }
+            }
         }
         if let Some(attrs) = attrs {
             let r = self.tables.put_inode(&attrs);
