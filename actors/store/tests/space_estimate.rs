@@ -5,36 +5,12 @@
 //! deleting part of them.
 
 use redb::{Database, Durability, ReadableDatabase};
-use spoolfs_core::{Ctx, Fs, Ino, Limits, Timestamp};
+mod common;
+
+use common::{create, ctx};
+use spoolfs_core::{Fs, Ino, Limits};
 use spoolfs_store::space::live_bytes_upper;
 use spoolfs_store::{open_database, Tables};
-
-fn ctx() -> Ctx {
-    Ctx {
-        uid: 0,
-        gid: 0,
-        pid: 1,
-        now: Timestamp::new(1_700_000_000, 0),
-    }
-}
-
-/// Create `name` in the root, open for writing, with the next inode number.
-fn create(fs: &mut Fs, t: &mut Tables<'_>, next: &mut u64, name: &str) -> (Ino, spoolfs_core::Fh) {
-    let ino = Ino(*next);
-    *next += 1;
-    let (_, fh) = fs
-        .create(
-            t,
-            &ctx(),
-            Ino::ROOT,
-            name.as_bytes(),
-            0o644,
-            libc::O_RDWR,
-            ino,
-        )
-        .expect("create");
-    (ino, fh)
-}
 
 struct Db {
     _dir: tempfile::TempDir,

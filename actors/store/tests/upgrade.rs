@@ -4,22 +4,16 @@
 //! finds nothing, and a second open has nothing left to do.
 
 use redb::{Database, Durability, ReadableDatabase};
-use spoolfs_core::{data, Ctx, Fs, Ino, Limits, Timestamp, CHUNK_SIZE};
+mod common;
+
+use common::{create, ctx};
+use spoolfs_core::{data, Fs, Ino, Limits, CHUNK_SIZE};
 use spoolfs_store::migrate::V1_CHUNK_SIZE;
 use spoolfs_store::{
     fsck, open_database, Tables, Wal, CHUNKS, META_SCHEMA_VERSION, SCHEMA_VERSION,
 };
 
 const OLD: usize = V1_CHUNK_SIZE as usize;
-
-fn ctx() -> Ctx {
-    Ctx {
-        uid: 0,
-        gid: 0,
-        pid: 1,
-        now: Timestamp::new(1_700_000_000, 0),
-    }
-}
 
 /// A file as schema 1 stored it: its size and its chunks (index, stored bytes).
 struct V1File {
@@ -100,20 +94,9 @@ fn v1_database(path: &std::path::Path, files: &[V1File]) -> Vec<Ino> {
     {
         let mut t = Tables::open(&txn).expect("tables");
         fs.init_root(&mut t, &ctx(), 0o755).expect("root");
+        let mut next = 2;
         for (i, f) in files.iter().enumerate() {
-            let ino = Ino(2 + i as u64);
-            let name = format!("f{i}");
-            let (_, fh) = fs
-                .create(
-                    &mut t,
-                    &ctx(),
-                    Ino::ROOT,
-                    name.as_bytes(),
-                    0o644,
-                    libc::O_RDWR,
-                    ino,
-                )
-                .expect("create");
+            let (ino, fh) = create(&mut fs, &mut t, &mut next, &format!("f{i}"));
             fs.release(&mut t, ino, fh).expect("release");
             fs.forget(&mut t, ino, 1).expect("forget");
             let mut inode = spoolfs_core::Store::inode(&mut t, ino)
