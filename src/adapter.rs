@@ -15,6 +15,7 @@ use fuser::{
 use spoolfs_core::{Errno, Fh, Ino, Inode, Kind, SetAttr, SetTime, Timestamp};
 use std::sync::Arc;
 
+use crate::handoff::Handoff;
 use spoolfs_runtime::metrics::Metrics;
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
 use tracing::warn;
@@ -43,11 +44,18 @@ pub struct Adapter {
     /// `None` with `--metrics-addr off`: nobody can read them, so nothing is recorded (this
     /// is also how the cost of recording is measured).
     metrics: Option<Arc<Metrics>>,
+    /// How long a FUSE thread waits for the actor's answer to write the reply itself (see
+    /// `handoff`); zero: the actor writes every reply.
+    handoff_wait: Duration,
 }
 
 impl Adapter {
-    pub fn new(actor: ActorHandle, metrics: Option<Arc<Metrics>>) -> Self {
-        Adapter { actor, metrics }
+    pub fn new(actor: ActorHandle, metrics: Option<Arc<Metrics>>, handoff_wait: Duration) -> Self {
+        Adapter {
+            actor,
+            metrics,
+            handoff_wait,
+        }
     }
 
     fn send(
@@ -58,12 +66,7 @@ impl Adapter {
     ) {
         let received = Instant::now();
         let Some(metrics) = self.metrics.clone() else {
-            self.actor.send(Msg {
-                caller: caller(req),
-                op,
-                reply: Box::new(reply),
-                queued: received,
-            });
+            self.hand_off(req, op, reply, received);
             return;
         };
         // Per-request metrics: handles are indexed by operation, so this is a few atomics.
@@ -81,12 +84,42 @@ impl Adapter {
             }
             reply(r);
         };
+        self.hand_off(req, op, reply, received);
+    }
+
+    /// Send the request to the actor; unless its answer may wait for a commit, wait briefly
+    /// for the answer and write the reply on this thread (see `handoff`).
+    fn hand_off(
+        &self,
+        req: &Request,
+        op: Op,
+        reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static,
+        received: Instant,
+    ) {
+        // Only a request that finds the actor idle is waited for: with others queued ahead of it
+        // the answer takes longer, and this thread is better spent reading the next request.
+        let wait = !self.handoff_wait.is_zero()
+            && !op.is_barrier()
+            && !op.releases()
+            && self.actor.queue_depth() == 0;
+        if !wait {
+            self.actor.send(Msg {
+                caller: caller(req),
+                op,
+                reply: Box::new(reply),
+                queued: received,
+            });
+            return;
+        }
+        let handoff = Handoff::new();
+        let answer = handoff.clone();
         self.actor.send(Msg {
             caller: caller(req),
             op,
-            reply: Box::new(reply),
+            reply: Box::new(move |r| answer.deliver(Box::new(move || reply(r)))),
             queued: received,
         });
+        handoff.wait(self.handoff_wait);
     }
 }
 

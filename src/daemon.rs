@@ -23,7 +23,7 @@ use crate::adapter::Adapter;
 use crate::control;
 use crate::http::{self, Readiness, ScrapeCollector};
 use crate::mount::{self, exit, Failure, Options};
-use crate::{LogFormat, MountArgs};
+use crate::{ActorCpu, LogFormat, MountArgs};
 
 /// Set in the environment of the background daemon started by `spoolfs mount`.
 const CHILD_ENV: &str = "SPOOLFS_DAEMON_CHILD";
@@ -134,6 +134,7 @@ fn run(
     config.dirsync = opts.dirsync;
     config.memfd_budget = args.memfd_budget;
     config.poll = std::time::Duration::from_micros(args.poll_us);
+    config.cpu = actor_cpu(args.actor_cpu);
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
     config.reserve = opts.reserve.unwrap_or_default();
@@ -177,7 +178,11 @@ fn run(
     };
     let acl = session_config.acl;
     let session = match Session::from_fd(
-        Adapter::new(actor, (args.metrics_addr != "off").then(|| metrics.clone())),
+        Adapter::new(
+            actor,
+            (args.metrics_addr != "off").then(|| metrics.clone()),
+            std::time::Duration::from_micros(args.handoff_us),
+        ),
         fd,
         acl,
         session_config,
@@ -608,5 +613,42 @@ impl KernelNotifier for FuseNotifier {
             ),
             Invalidation::Inode { ino } => self.0.inval_inode(fuser::INodeNo(ino.0), 0, 0),
         }
+    }
+}
+
+/// The CPU to pin the actor to. `last` picks the last CPU this process may run on, and only
+/// when it may run on two or more: pinned to the only CPU, the actor would gain nothing.
+fn actor_cpu(choice: ActorCpu) -> Option<usize> {
+    match choice {
+        ActorCpu::None => None,
+        ActorCpu::Cpu(n) => Some(n),
+        ActorCpu::Last => {
+            let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+            last_of_several(
+                (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)),
+            )
+        }
+    }
+}
+
+fn last_of_several(cpus: impl Iterator<Item = usize>) -> Option<usize> {
+    let (count, last) = cpus.fold((0usize, None), |(n, _), c| (n + 1, Some(c)));
+    if count >= 2 {
+        last
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_of_several;
+
+    #[test]
+    fn the_actor_is_pinned_only_when_there_is_another_cpu() {
+        assert_eq!(last_of_several([0, 1].into_iter()), Some(1));
+        assert_eq!(last_of_several([2, 5, 7].into_iter()), Some(7));
+        assert_eq!(last_of_several([3].into_iter()), None);
+        assert_eq!(last_of_several(std::iter::empty()), None);
     }
 }

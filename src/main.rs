@@ -3,6 +3,7 @@
 mod adapter;
 mod control;
 mod daemon;
+mod handoff;
 mod http;
 mod mount;
 
@@ -87,9 +88,36 @@ pub struct MountArgs {
     /// once). Waking a sleeping thread costs more than a request on a VM; see the README.
     #[arg(long, default_value_t = 50)]
     poll_us: u64,
+    /// CPU to pin the actor thread to: a number, `last` (the last CPU this process may use,
+    /// if it may use two or more) or `none`.
+    #[arg(long, default_value = "last", value_parser = parse_actor_cpu)]
+    actor_cpu: ActorCpu,
+    /// Microseconds a FUSE thread waits for the actor's answer to write the reply itself, on
+    /// its own CPU (0: the actor writes every reply). See `handoff.rs`.
+    #[arg(long, default_value_t = 50)]
+    handoff_us: u64,
     /// Where the database lives (created 0700 if missing).
     data_dir: PathBuf,
     mountpoint: PathBuf,
+}
+
+/// `--actor-cpu`: where the actor thread runs (see `ActorConfig::cpu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActorCpu {
+    None,
+    Last,
+    Cpu(usize),
+}
+
+fn parse_actor_cpu(s: &str) -> Result<ActorCpu, String> {
+    match s {
+        "none" => Ok(ActorCpu::None),
+        "last" => Ok(ActorCpu::Last),
+        n => n
+            .parse()
+            .map(ActorCpu::Cpu)
+            .map_err(|_| format!("`{n}` is not a CPU number, `last` or `none`")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -163,7 +191,16 @@ fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
 
 #[cfg(test)]
 mod tests {
-    use super::helper_args;
+    use super::{helper_args, parse_actor_cpu, ActorCpu};
+
+    #[test]
+    fn actor_cpu_values() {
+        assert_eq!(parse_actor_cpu("none"), Ok(ActorCpu::None));
+        assert_eq!(parse_actor_cpu("last"), Ok(ActorCpu::Last));
+        assert_eq!(parse_actor_cpu("3"), Ok(ActorCpu::Cpu(3)));
+        assert!(parse_actor_cpu("-1").is_err());
+        assert!(parse_actor_cpu("first").is_err());
+    }
 
     fn args(v: &[&str]) -> Vec<std::ffi::OsString> {
         v.iter().map(Into::into).collect()
