@@ -88,7 +88,7 @@ def check(cond, msg):
 # What the daemon exports (the brief the metric set was defined by). Histograms are used
 # through their _bucket/_sum/_count series.
 COUNTERS = {"spoolfs_requests_total", "spoolfs_request_errors_total", "spoolfs_commits_total",
-            "process_cpu_seconds_total"}
+            "spoolfs_handoff_replies_total", "process_cpu_seconds_total"}
 GAUGES = {"spoolfs_requests_in_flight", "spoolfs_actor_queue_depth", "spoolfs_actor_queue_capacity",
           "spoolfs_memfd_bytes", "spoolfs_memfd_dirty_bytes", "spoolfs_memfd_budget_bytes",
           "spoolfs_open_handles", "spoolfs_inodes", "spoolfs_db_size_bytes",

@@ -119,7 +119,14 @@ impl Adapter {
             reply: Box::new(move |r| answer.deliver(Box::new(move || reply(r)))),
             queued: received,
         });
-        handoff.wait(self.handoff_wait);
+        let written_here = handoff.wait(self.handoff_wait);
+        if let Some(m) = &self.metrics {
+            if written_here {
+                m.handoff_by_fuse_thread.inc();
+            } else {
+                m.handoff_left_to_actor.inc();
+            }
+        }
     }
 }
 

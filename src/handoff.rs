@@ -58,8 +58,9 @@ impl Handoff {
     }
 
     /// Called by the FUSE thread after sending the request: wait up to `spin` for the answer
-    /// and write it here; after that, leave it to be written where it is produced.
-    pub fn wait(&self, spin: Duration) {
+    /// and write it here; after that, leave it to be written where it is produced. Returns
+    /// whether the answer was written here.
+    pub fn wait(&self, spin: Duration) -> bool {
         let until = Instant::now() + spin;
         loop {
             if self.ready.load(Ordering::Acquire) || Instant::now() >= until {
@@ -75,9 +76,11 @@ impl Handoff {
                 State::Waiting | State::Gone => None,
             }
         };
+        let written_here = answer.is_some();
         if let Some(answer) = answer {
             answer();
         }
+        written_here
     }
 }
 
@@ -103,7 +106,7 @@ mod tests {
             0,
             "left for the FUSE thread"
         );
-        h.wait(Duration::ZERO);
+        assert!(h.wait(Duration::ZERO), "written by the waiter");
         assert_eq!(written.load(Ordering::SeqCst), 1);
     }
 
@@ -111,7 +114,7 @@ mod tests {
     fn an_answer_after_the_wait_is_written_at_once() {
         let written = Arc::new(AtomicUsize::new(0));
         let h = Handoff::new();
-        h.wait(Duration::from_micros(10));
+        assert!(!h.wait(Duration::from_micros(10)), "nothing to write yet");
         h.deliver(counting(&written));
         assert_eq!(written.load(Ordering::SeqCst), 1);
     }
@@ -129,7 +132,7 @@ mod tests {
                 }
                 h2.deliver(answer);
             });
-            h.wait(Duration::from_nanos(i % 7 * 500));
+            let _ = h.wait(Duration::from_nanos(i % 7 * 500));
             t.join().expect("deliver thread");
         }
         assert_eq!(written.load(Ordering::SeqCst), 2000);

@@ -33,6 +33,11 @@ pub struct DurabilityLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriterLabel {
+    pub writer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: &'static str,
 }
@@ -69,6 +74,10 @@ pub struct Metrics {
     pub storage_failed: Gauge,
     /// Space kept free on the data dir's filesystem (`-o reserve=`).
     pub space_reserve_bytes: Gauge,
+    /// Replies to requests whose FUSE thread waited for the answer (the binary's `handoff`):
+    /// written by that FUSE thread, or left to the actor because the answer was slow.
+    pub handoff_by_fuse_thread: Counter,
+    pub handoff_left_to_actor: Counter,
 }
 
 impl Metrics {
@@ -87,6 +96,7 @@ impl Metrics {
             })
             .collect();
         let commits = Family::<DurabilityLabel, Counter>::default();
+        let handoffs = Family::<WriterLabel, Counter>::default();
         let m = Metrics {
             per_op,
             errors: Family::default(),
@@ -109,6 +119,10 @@ impl Metrics {
             storage_errors: Counter::default(),
             storage_failed: Gauge::default(),
             space_reserve_bytes: Gauge::default(),
+            handoff_by_fuse_thread: handoffs.get_or_create_owned(&WriterLabel {
+                writer: "fuse_thread",
+            }),
+            handoff_left_to_actor: handoffs.get_or_create_owned(&WriterLabel { writer: "actor" }),
         };
         let r = registry;
         r.register("requests", "FUSE requests answered, by operation", requests);
@@ -154,8 +168,15 @@ impl Metrics {
         );
         r.register(
             "commit_batch_size",
-            "Requests applied per commit",
+            "Requests applied per actor batch (taken from the queue together; a durable \
+             commit may hold many batches)",
             m.batch_size.clone(),
+        );
+        r.register(
+            "handoff_replies",
+            "Replies to requests whose FUSE thread waited for the actor's answer, by who wrote \
+             them: the FUSE thread (answer within --handoff-us) or the actor (slower answers)",
+            handoffs,
         );
         r.register_with_unit(
             "memfd",
