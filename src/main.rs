@@ -86,7 +86,7 @@ pub struct MountArgs {
     fuse_threads: usize,
     /// Microseconds the actor polls for the next request before it sleeps (0: sleep at
     /// once). Waking a sleeping thread costs more than a request on a VM; see the README.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = micros_up_to_a_second())]
     poll_us: u64,
     /// CPU to pin the actor thread to: a number, `last` (the last CPU this process may use,
     /// if it may use two or more) or `none`.
@@ -94,11 +94,17 @@ pub struct MountArgs {
     actor_cpu: ActorCpu,
     /// Microseconds a FUSE thread waits for the actor's answer to write the reply itself, on
     /// its own CPU (0: the actor writes every reply). See `handoff.rs`.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = micros_up_to_a_second())]
     handoff_us: u64,
     /// Where the database lives (created 0700 if missing).
     data_dir: PathBuf,
     mountpoint: PathBuf,
+}
+
+/// `--poll-us` and `--handoff-us`: a busy wait longer than a second makes no sense, and the
+/// bound keeps `Instant::now() + wait` far from overflowing.
+fn micros_up_to_a_second() -> clap::builder::RangedU64ValueParser {
+    clap::builder::RangedU64ValueParser::new().range(0..=1_000_000)
 }
 
 /// `--actor-cpu`: where the actor thread runs (see `ActorConfig::cpu`).
@@ -191,7 +197,24 @@ fn helper_args(args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
 
 #[cfg(test)]
 mod tests {
-    use super::{helper_args, parse_actor_cpu, ActorCpu};
+    use super::{helper_args, parse_actor_cpu, ActorCpu, Cli};
+    use clap::Parser;
+
+    #[test]
+    fn busy_waits_are_bounded_to_a_second() {
+        let mount = |flag: &str, v: &str| {
+            Cli::try_parse_from(["spoolfs", "mount", flag, v, "/data", "/mnt"]).map(|_| ())
+        };
+        for flag in ["--poll-us", "--handoff-us"] {
+            assert!(mount(flag, "0").is_ok(), "{flag} 0");
+            assert!(mount(flag, "1000000").is_ok(), "{flag} one second");
+            assert!(mount(flag, "1000001").is_err(), "{flag} past a second");
+            assert!(
+                mount(flag, "18446744073709551615").is_err(),
+                "{flag} u64::MAX"
+            );
+        }
+    }
 
     #[test]
     fn actor_cpu_values() {
