@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use crate::handoff::Handoff;
 use spoolfs_runtime::metrics::Metrics;
-use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply};
+use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply, Responder};
 use tracing::warn;
 
 /// How long the kernel may cache entries and attributes: a day, as libfuse's passthrough_hp
@@ -102,23 +102,23 @@ impl Adapter {
             && !op.is_barrier()
             && !op.releases()
             && self.actor.queue_depth() == 0;
-        if !wait {
-            self.actor.send(Msg {
-                caller: caller(req),
-                op,
-                reply: Box::new(reply),
-                queued: received,
-            });
-            return;
-        }
-        let handoff = Handoff::new();
-        let answer = handoff.clone();
+        let handoff = wait.then(Handoff::new);
+        let responder: Responder = match &handoff {
+            Some(h) => {
+                let answer = h.clone();
+                Box::new(move |r| answer.deliver(Box::new(move || reply(r))))
+            }
+            None => Box::new(reply),
+        };
         self.actor.send(Msg {
             caller: caller(req),
             op,
-            reply: Box::new(move |r| answer.deliver(Box::new(move || reply(r)))),
+            reply: responder,
             queued: received,
         });
+        let Some(handoff) = handoff else {
+            return;
+        };
         let written_here = handoff.wait(self.handoff_wait);
         if let Some(m) = &self.metrics {
             if written_here {

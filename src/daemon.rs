@@ -632,9 +632,9 @@ fn actor_cpu(choice: ActorCpu) -> Option<usize> {
 }
 
 fn last_of_several(cpus: impl Iterator<Item = usize>) -> Option<usize> {
-    let (count, last) = cpus.fold((0usize, None), |(n, _), c| (n + 1, Some(c)));
-    if count >= 2 {
-        last
+    let cpus: Vec<usize> = cpus.collect();
+    if cpus.len() >= 2 {
+        cpus.last().copied()
     } else {
         None
     }
