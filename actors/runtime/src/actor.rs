@@ -20,13 +20,14 @@ use spoolfs_core::{Ctx, Errno, Fs, Ino, Limits, Timestamp};
 use spoolfs_store::{open_database, CommitFailure, Pending, Tables, Wal, META_NEXT_INO};
 use tracing::{debug, error, info, warn};
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::callers;
 use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
+use crate::pinning::Pinning;
 use crate::space::{Reserve, SpaceGuard};
 
 #[derive(Debug, Clone)]
@@ -48,10 +49,11 @@ pub struct ActorConfig {
     /// polling for 50 µs doubled create/unlink rates on the 2-core test VM. Like io_uring's
     /// SQPOLL idle time or Seastar's poll mode, bounded: an idle mount sleeps.
     pub poll: Duration,
-    /// The CPU the actor thread runs on, or `None` to let the scheduler move it. Pinned, it
-    /// stays off the CPU its callers and the FUSE threads run on, so that a request and its
-    /// answer cross between two running CPUs (cheap) instead of waking an idle one (on a VM,
-    /// an interrupt and a halt exit: ~25 µs on the test VM); see the binary's `handoff`.
+    /// The CPU the actor thread runs on while its callers are fewer than the daemon's CPUs,
+    /// or `None` to let the scheduler move it always. Pinned, it stays off the CPU its callers
+    /// and the FUSE threads run on, so that a request and its answer cross between two
+    /// running CPUs (cheap) instead of waking an idle one (on a VM, an interrupt and a halt
+    /// exit: ~25 µs on the test VM); see `pinning` and the binary's `handoff`.
     pub cpu: Option<usize>,
     /// Owner and mode of the root directory of a new filesystem.
     pub root_uid: u32,
@@ -173,20 +175,38 @@ const CALLER_CHECK: Duration = Duration::from_millis(200);
 
 /// The commit running on a blocking task, with the replies that wait for it.
 struct InFlight {
-    replies: Vec<Held>,
+    waiters: Arc<Mutex<FlightWaiters>>,
     started: Instant,
-    /// Its changes are durable (in the log) while it still writes them to redb: replies
-    /// that would wait for it are answered at once.
+}
+
+/// The replies that wait for the commit in flight. They are shared with its task, which
+/// answers them itself the moment the log is synced: waking the actor to answer them cost
+/// ~60 µs per fsync on the 2-core VM (probe of the fsync path: 16 µs to the seal, 5 to start
+/// the task, ~160 to write and sync the log, 55-65 for the actor to wake and take the event,
+/// 17 to write the reply). The actor still answers them when the commit fails or is too slow
+/// (`expire_waits`), so whoever takes a reply out of the list answers it.
+#[derive(Default)]
+struct FlightWaiters {
+    /// The commit's changes are durable (in the log) while it still writes them to redb:
+    /// replies that would wait for it are answered at once.
     durable: bool,
+    replies: Vec<Held>,
+}
+
+/// The waiters of the commit in flight. A panic while the lock was held (in a reply: fuser
+/// writing to /dev/fuse) leaves a list that is still whole, so poisoning is ignored.
+fn waiters_of(flight: &InFlight) -> MutexGuard<'_, FlightWaiters> {
+    flight
+        .waiters
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
 }
 
 /// How a commit ended, how long it took, and the log it hands back.
 type CommitResult = (Result<(), CommitFailure>, Duration, Option<Wal>);
 
-/// What the commit task tells the actor: its changes are durable (the log is synced; redb
-/// is written after), then how it ended.
+/// What the commit task tells the actor: how it ended.
 enum CommitEvent {
-    Durable,
     Done(CommitResult),
 }
 
@@ -222,6 +242,8 @@ pub struct Actor {
     /// reopened, so that handles and lookup counts do not leak and an unlinked file closed
     /// meanwhile is still reclaimed.
     deferred: Vec<Msg>,
+    /// The actor thread's CPU placement (`None`: never pinned).
+    pinning: Option<Pinning>,
 }
 
 fn now() -> Timestamp {
@@ -314,6 +336,7 @@ impl Actor {
             metrics.clone(),
             config.data_dir.clone(),
         );
+        let config_cpu = config.cpu;
         let actor = Actor {
             space,
             faults,
@@ -334,12 +357,14 @@ impl Actor {
             inodes_refreshed: None,
             deferred: Vec::new(),
             callers_checked: Instant::now(),
+            pinning: Pinning::new(config_cpu),
         };
+        let mut actor = actor;
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
             .spawn(move || {
-                if let Some(cpu) = actor.config.cpu {
-                    pin_to_cpu(cpu);
+                if let Some(p) = &mut actor.pinning {
+                    p.start();
                 }
                 actor.run(rx)
             })
@@ -382,7 +407,6 @@ impl Actor {
                 None => selector.wait(),
             };
             match event {
-                Event::Commit(CommitEvent::Durable) => self.commit_durable(),
                 Event::Commit(CommitEvent::Done(result)) => self.finish_commit(result),
                 Event::Msg(m) => self.apply_with_queued(m, &rx),
                 Event::Closed => open = false,
@@ -418,12 +442,11 @@ impl Actor {
     /// The next instant something is due: a forced commit, a retry, a wait's timeout, or a
     /// look at whether old waits' callers gave up.
     fn next_deadline(&self) -> Option<Instant> {
-        let oldest = self
+        let in_flight = self
             .in_flight
             .as_ref()
-            .and_then(|f| f.replies.first())
-            .or(self.waiting.first())
-            .map(|(_, _, since, _)| *since);
+            .and_then(|f| waiters_of(f).replies.first().map(|(_, _, since, _)| *since));
+        let oldest = in_flight.or(self.waiting.first().map(|(_, _, since, _)| *since));
         let oldest_wait = oldest.map(|since| {
             let timeout = since + self.config.commit_timeout;
             let check = (since + CALLER_CHECK).max(self.callers_checked + CALLER_CHECK);
@@ -497,12 +520,24 @@ impl Actor {
         self.retry_at = None;
         self.commits += 1;
         let done = done_tx.clone();
+        let waiters = Arc::new(Mutex::new(FlightWaiters {
+            durable: false,
+            replies: std::mem::take(&mut self.waiting),
+        }));
+        let answer = Arc::clone(&waiters);
         self.runtime.spawn_blocking(move || {
             let started = Instant::now();
             // A panic inside redb must still answer the actor, which waits for this message.
             // (`run` lets go of the database before it returns, so the actor may reopen it.)
             let on_durable = || {
-                let _ = done.send(CommitEvent::Durable);
+                let replies = {
+                    let mut w = answer.lock().unwrap_or_else(PoisonError::into_inner);
+                    w.durable = true;
+                    std::mem::take(&mut w.replies)
+                };
+                for (reply, r, _, _) in replies {
+                    reply(r);
+                }
             };
             let (r, wal) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 job.run_notifying(on_durable)
@@ -517,27 +552,19 @@ impl Actor {
             let _ = done.send(CommitEvent::Done((r, started.elapsed(), wal)));
         });
         self.in_flight = Some(InFlight {
-            replies: std::mem::take(&mut self.waiting),
+            waiters,
             started: Instant::now(),
-            durable: false,
         });
-    }
-
-    /// The commit in flight is durable: answer its waiters now. A failure in what it still
-    /// does (writing redb, a checkpoint) cannot lose what the log holds: reopening replays it.
-    fn commit_durable(&mut self) {
-        if let Some(flight) = &mut self.in_flight {
-            flight.durable = true;
-            for (reply, r, _, _) in flight.replies.drain(..) {
-                reply(r);
-            }
-        }
     }
 
     fn finish_commit(&mut self, (result, took, wal): CommitResult) {
         let Some(flight) = self.in_flight.take() else {
             return;
         };
+        // Normally empty: the task answered them when the log was synced. A failure in what it
+        // did after that (writing redb, a checkpoint) cannot lose what the log holds:
+        // reopening replays it.
+        let replies = std::mem::take(&mut waiters_of(&flight).replies);
         self.metrics.commit_duration.observe(metrics::secs(took));
         self.metrics.commits_immediate.inc();
         match result {
@@ -558,7 +585,7 @@ impl Actor {
                 } else {
                     self.undurable_since = Some(Instant::now());
                 }
-                for (reply, r, _, _) in flight.replies {
+                for (reply, r, _, _) in replies {
                     reply(r);
                 }
             }
@@ -566,7 +593,7 @@ impl Actor {
                 let errno = self.faults.commit_failed(&e);
                 self.state.commit_failed();
                 self.retry_at = Some(Instant::now() + RETRY_DELAY);
-                for (reply, _, _, _) in flight.replies {
+                for (reply, _, _, _) in replies {
                     reply(Err(errno));
                 }
             }
@@ -599,8 +626,10 @@ impl Actor {
             }
             keep
         };
-        if let Some(flight) = &mut self.in_flight {
-            flight.replies = sort(std::mem::take(&mut flight.replies));
+        if let Some(flight) = &self.in_flight {
+            let mut w = waiters_of(flight);
+            let held = std::mem::take(&mut w.replies);
+            w.replies = sort(held);
         }
         self.waiting = sort(std::mem::take(&mut self.waiting));
         if !abandoned.is_empty() {
@@ -691,6 +720,9 @@ impl Actor {
         let refuse_growth = self.state.current().bytes() > MAX_PENDING_BYTES;
         for m in batch {
             let started = Instant::now();
+            if let Some(p) = &mut self.pinning {
+                p.saw(m.caller.pid, started);
+            }
             self.metrics
                 .queue_wait
                 .observe(metrics::secs(started.saturating_duration_since(m.queued)));
@@ -729,9 +761,15 @@ impl Actor {
             } else if !self.state.current().is_empty() {
                 // Its changes (or earlier ones) are pending: wait for the next commit.
                 self.waiting.push((reply, result, now, pid));
-            } else if let Some(flight) = self.in_flight.as_mut().filter(|f| !f.durable) {
-                // Everything before it is in the commit already running.
-                flight.replies.push((reply, result, now, pid));
+            } else if let Some(flight) = &self.in_flight {
+                let mut w = waiters_of(flight);
+                if w.durable {
+                    drop(w);
+                    reply(result);
+                } else {
+                    // Everything before it is in the commit already running.
+                    w.replies.push((reply, result, now, pid));
+                }
             } else {
                 // Everything before it is durable.
                 reply(result);
@@ -1080,21 +1118,6 @@ fn vanished() -> CommitResult {
 impl std::fmt::Debug for WeakActorHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeakActorHandle").finish_non_exhaustive()
-    }
-}
-
-/// Pin the calling thread to `cpu`. A failure (a CPU outside the allowed set) only costs
-/// speed, so it is logged and the thread runs unpinned.
-fn pin_to_cpu(cpu: usize) {
-    let mut set = nix::sched::CpuSet::new();
-    let pinned = set
-        .set(cpu)
-        .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
-    match pinned {
-        Ok(()) => info!(cpu, "actor thread pinned"),
-        Err(e) => {
-            warn!(cpu, error = %e, "cannot pin the actor thread to its CPU; it runs unpinned")
-        }
     }
 }
 

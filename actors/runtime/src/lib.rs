@@ -7,6 +7,7 @@ pub mod content;
 pub mod health;
 pub mod msg;
 pub mod notify;
+pub mod pinning;
 pub mod space;
 
 pub use actor::{Actor, ActorConfig, ActorHandle, StartError, WeakActorHandle};
