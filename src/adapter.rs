@@ -98,10 +98,9 @@ impl Adapter {
     ) {
         // Only a request that finds the actor idle is waited for: with others queued ahead of it
         // the answer takes longer, and this thread is better spent reading the next request.
-        let wait = !self.handoff_wait.is_zero()
-            && !op.is_barrier()
-            && !op.releases()
-            && self.actor.queue_depth() == 0;
+        // Releases are not (nobody waits for their answer); a barrier's answer may wait for a
+        // commit, and then the actor says so (`Msg::later`) and the wait ends at once.
+        let wait = !self.handoff_wait.is_zero() && !op.releases() && self.actor.queue_depth() == 0;
         let handoff = wait.then(Handoff::new);
         let responder: Responder = match &handoff {
             Some(h) => {
@@ -115,6 +114,7 @@ impl Adapter {
             op,
             reply: responder,
             queued: received,
+            later: handoff.as_ref().map(|h| h.later_flag()),
         });
         let Some(handoff) = handoff else {
             return;

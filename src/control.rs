@@ -59,6 +59,7 @@ async fn ask_actor(daemon: &Daemon) -> Option<(StatusReport, usize)> {
             pid: std::process::id(),
         },
         op: Op::Status,
+        later: None,
         reply: Box::new(move |r| {
             let _ = tx.send(r);
         }),

@@ -10,7 +10,10 @@
 //! (spinning, yielding its CPU to anything runnable there, such as the actor) for the actor's
 //! answer and writes the reply itself. Answers that take longer (a durable close waits for a
 //! commit) are written by whoever produces them, as before; the FUSE thread goes back to
-//! reading requests, so slow requests never hold it.
+//! reading requests, so slow requests never hold it. The actor flags an answer that waits for
+//! a commit (`Msg::later`), and the FUSE thread stops waiting at once: barriers (close, fsync)
+//! are waited for too, and the close of a file whose changes are already durable (after an
+//! fsync, or a read-only open) is answered on the caller's CPU.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -30,6 +33,8 @@ enum State {
 /// The meeting point of one request's FUSE thread and its answer.
 pub struct Handoff {
     ready: AtomicBool,
+    /// Set by the actor: the answer waits for a commit.
+    later: Arc<AtomicBool>,
     state: Mutex<State>,
 }
 
@@ -37,8 +42,14 @@ impl Handoff {
     pub fn new() -> Arc<Self> {
         Arc::new(Handoff {
             ready: AtomicBool::new(false),
+            later: Arc::new(AtomicBool::new(false)),
             state: Mutex::new(State::Waiting),
         })
+    }
+
+    /// The flag the actor sets when the answer waits for a commit (`Msg::later`).
+    pub fn later_flag(&self) -> Arc<AtomicBool> {
+        self.later.clone()
     }
 
     /// Called by whoever answers the request: leave the answer for the FUSE thread if it is
@@ -58,12 +69,15 @@ impl Handoff {
     }
 
     /// Called by the FUSE thread after sending the request: wait up to `spin` for the answer
-    /// and write it here; after that, leave it to be written where it is produced. Returns
-    /// whether the answer was written here.
+    /// (or until the actor says it waits for a commit) and write it here; after that, leave
+    /// it to be written where it is produced. Returns whether the answer was written here.
     pub fn wait(&self, spin: Duration) -> bool {
         let until = Instant::now() + spin;
         loop {
-            if self.ready.load(Ordering::Acquire) || Instant::now() >= until {
+            if self.ready.load(Ordering::Acquire)
+                || self.later.load(Ordering::Acquire)
+                || Instant::now() >= until
+            {
                 break;
             }
             // Let the actor run if it shares this CPU; otherwise this returns at once.
@@ -117,6 +131,26 @@ mod tests {
         assert!(!h.wait(Duration::from_micros(10)), "nothing to write yet");
         h.deliver(counting(&written));
         assert_eq!(written.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_answer_flagged_for_later_ends_the_wait_and_is_written_by_its_producer() {
+        let written = Arc::new(AtomicUsize::new(0));
+        let h = Handoff::new();
+        let flag = h.later_flag();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = h.clone();
+        // Waits up to an hour unless the flag ends the wait.
+        std::thread::spawn(move || {
+            let _ = done_tx.send(waiter.wait(Duration::from_secs(3600)));
+        });
+        flag.store(true, Ordering::Release);
+        let written_by_waiter = done_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|e| format!("the flag did not end the wait: {e}"));
+        assert_eq!(written_by_waiter, Ok(false));
+        h.deliver(counting(&written));
+        assert_eq!(written.load(Ordering::SeqCst), 1, "written by the producer");
     }
 
     #[test]

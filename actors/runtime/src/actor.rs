@@ -26,6 +26,7 @@ use crate::callers;
 use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
+use crate::msg::mark_later;
 use crate::msg::*;
 use crate::pinning::Pinning;
 use crate::space::{Reserve, SpaceGuard};
@@ -745,7 +746,7 @@ impl Actor {
             };
             self.requests += 1;
             log_request(&m, name, &result, started);
-            replies.push((m.reply, result, needs_durable, m.caller.pid));
+            replies.push((m.reply, result, needs_durable, m.caller.pid, m.later));
         }
         if self.next_ino != start_ino {
             self.state.set_meta(META_NEXT_INO, self.next_ino);
@@ -755,11 +756,12 @@ impl Actor {
         }
         self.metrics.batch_size.observe(replies.len() as f64);
         let now = Instant::now();
-        for (reply, result, needs_durable, pid) in replies {
+        for (reply, result, needs_durable, pid, later) in replies {
             if !needs_durable || result.is_err() {
                 reply(result);
             } else if !self.state.current().is_empty() {
                 // Its changes (or earlier ones) are pending: wait for the next commit.
+                mark_later(later);
                 self.waiting.push((reply, result, now, pid));
             } else if let Some(flight) = &self.in_flight {
                 let mut w = waiters_of(flight);
@@ -768,6 +770,7 @@ impl Actor {
                     reply(result);
                 } else {
                     // Everything before it is in the commit already running.
+                    mark_later(later);
                     w.replies.push((reply, result, now, pid));
                 }
             } else {

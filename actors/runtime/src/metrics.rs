@@ -175,7 +175,8 @@ impl Metrics {
         r.register(
             "handoff_replies",
             "Replies to requests whose FUSE thread waited for the actor's answer, by who wrote \
-             them: the FUSE thread (answer within --handoff-us) or the actor (slower answers)",
+             them: the FUSE thread (answer within --handoff-us) or the actor (slower answers; \
+             answers that wait for a commit are written by the commit task)",
             handoffs,
         );
         r.register_with_unit(

@@ -1,6 +1,8 @@
 //! The messages FUSE threads send to the actor: one variant per operation, each carrying the
 //! responder that answers the kernel.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use spoolfs_core::{DirEntry, Errno, Fh, Ino, Inode, RenameFlags, SetAttr};
@@ -329,6 +331,16 @@ pub struct Msg {
     pub reply: Responder,
     /// When the FUSE thread queued it (time spent waiting for the actor).
     pub queued: Instant,
+    /// Set by the actor when the answer waits for a commit, so that a FUSE thread waiting
+    /// for it (the binary's `handoff`) stops waiting at once instead of spinning in vain.
+    pub later: Option<Arc<AtomicBool>>,
+}
+
+/// Tell a FUSE thread waiting for this answer (if any) that it waits for a commit.
+pub fn mark_later(later: Option<Arc<AtomicBool>>) {
+    if let Some(flag) = later {
+        flag.store(true, Ordering::Release);
+    }
 }
 
 /// Key arguments of a request for the access log: ids, names, offsets and sizes, never file
