@@ -26,7 +26,6 @@ use crate::callers;
 use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
-use crate::msg::mark_later;
 use crate::msg::*;
 use crate::pinning::Pinning;
 use crate::space::{Reserve, SpaceGuard};
@@ -338,7 +337,7 @@ impl Actor {
             config.data_dir.clone(),
         );
         let config_cpu = config.cpu;
-        let actor = Actor {
+        let mut actor = Actor {
             space,
             faults,
             cache: ContentCache::new(config.memfd_budget),
@@ -360,7 +359,6 @@ impl Actor {
             callers_checked: Instant::now(),
             pinning: Pinning::new(config_cpu),
         };
-        let mut actor = actor;
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
             .spawn(move || {
