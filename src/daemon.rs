@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fuser::{Config, Session, SessionACL};
-use spoolfs_runtime::{Actor, ActorConfig};
+use spoolfs_runtime::{pinning, Actor, ActorConfig};
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 
@@ -129,14 +129,13 @@ fn run(
     // keep that CPU (writing redb) while the actor waited to answer the callers (measured: the
     // answer to an fsync came ~60 µs after the log was synced). So each tokio thread takes
     // back the daemon's own set.
-    let daemon_cpus = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+    let daemon_cpus = pinning::daemon_cpus().ok().map(|(set, _)| set);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("spoolfs-tokio")
         .on_thread_start(move || {
             if let Some(cpus) = &daemon_cpus {
-                // A failure only costs speed: the thread keeps the set it inherited.
-                let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), cpus);
+                pinning::run_on(cpus);
             }
         })
         .enable_all()
@@ -635,12 +634,7 @@ fn actor_cpu(choice: ActorCpu) -> Option<usize> {
     match choice {
         ActorCpu::None => None,
         ActorCpu::Cpu(n) => Some(n),
-        ActorCpu::Last => {
-            let allowed = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
-            last_of_several(
-                (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)),
-            )
-        }
+        ActorCpu::Last => last_of_several(pinning::daemon_cpus().ok()?.1.into_iter()),
     }
 }
 

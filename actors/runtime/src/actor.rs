@@ -205,11 +205,6 @@ fn waiters_of(flight: &InFlight) -> MutexGuard<'_, FlightWaiters> {
 /// How a commit ended, how long it took, and the log it hands back.
 type CommitResult = (Result<(), CommitFailure>, Duration, Option<Wal>);
 
-/// What the commit task tells the actor: how it ended.
-enum CommitEvent {
-    Done(CommitResult),
-}
-
 pub struct Actor {
     config: ActorConfig,
     /// All state: changes pending in memory over the last commit's snapshot.
@@ -258,7 +253,7 @@ fn now() -> Timestamp {
 
 /// What woke the actor.
 enum Event {
-    Commit(CommitEvent),
+    Commit(CommitResult),
     Msg(Msg),
     Closed,
     Tick,
@@ -372,7 +367,8 @@ impl Actor {
     }
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
-        let (done_tx, done_rx) = flume::bounded::<CommitEvent>(2);
+        // How each commit ended, sent by its task.
+        let (done_tx, done_rx) = flume::bounded::<CommitResult>(2);
         let mut open = true;
         loop {
             // Waits past their deadline are answered even while requests keep the actor busy
@@ -393,7 +389,7 @@ impl Actor {
             }
             let mut selector = flume::Selector::new().recv(&done_rx, |r| match r {
                 Ok(e) => Event::Commit(e),
-                Err(_) => Event::Commit(CommitEvent::Done(vanished())),
+                Err(_) => Event::Commit(vanished()),
             });
             if accept {
                 selector = selector.recv(&rx, |r| match r {
@@ -406,7 +402,7 @@ impl Actor {
                 None => selector.wait(),
             };
             match event {
-                Event::Commit(CommitEvent::Done(result)) => self.finish_commit(result),
+                Event::Commit(result) => self.finish_commit(result),
                 Event::Msg(m) => self.apply_with_queued(m, &rx),
                 Event::Closed => open = false,
                 Event::Tick => self.expire_waits(),
@@ -463,7 +459,7 @@ impl Actor {
     }
 
     /// Start a commit if one is due and none is running.
-    fn maybe_commit(&mut self, done_tx: &flume::Sender<CommitEvent>) {
+    fn maybe_commit(&mut self, done_tx: &flume::Sender<CommitResult>) {
         if self.in_flight.is_some() {
             return;
         }
@@ -548,7 +544,7 @@ impl Actor {
                 };
                 (Err(failure), None)
             });
-            let _ = done.send(CommitEvent::Done((r, started.elapsed(), wal)));
+            let _ = done.send((r, started.elapsed(), wal));
         });
         self.in_flight = Some(InFlight {
             waiters,
@@ -1126,7 +1122,7 @@ impl std::fmt::Debug for WeakActorHandle {
 /// early when a commit result is waiting (the select in `run` takes it).
 fn poll_for_request(
     rx: &flume::Receiver<Msg>,
-    done_rx: &flume::Receiver<CommitEvent>,
+    done_rx: &flume::Receiver<CommitResult>,
     poll: Duration,
 ) -> Option<Msg> {
     let until = Instant::now() + poll;

@@ -85,6 +85,23 @@ impl Policy {
     }
 }
 
+/// The CPUs this process may run on (read before the actor pins itself, this is the
+/// daemon's set), with its members in order.
+pub fn daemon_cpus() -> nix::Result<(CpuSet, Vec<usize>)> {
+    let set = sched_getaffinity(Pid::from_raw(0))?;
+    let members = (0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect();
+    Ok((set, members))
+}
+
+/// Put the calling thread back on `cpus` (a thread inherits the set of the thread that
+/// starts it, and the actor starts tokio's blocking threads). A failure only costs speed: the
+/// thread keeps the set it inherited.
+pub fn run_on(cpus: &CpuSet) {
+    let _ = sched_setaffinity(Pid::from_raw(0), cpus);
+}
+
 /// The actor's CPU placement: `Policy` plus the affinity calls.
 pub struct Pinning {
     cpu: usize,
@@ -98,18 +115,15 @@ impl Pinning {
     /// asked for, or the daemon's CPU set cannot be read.
     pub fn new(cpu: Option<usize>) -> Option<Pinning> {
         let cpu = cpu?;
-        let all = sched_getaffinity(Pid::from_raw(0))
+        let (all, members) = daemon_cpus()
             .map_err(
                 |e| warn!(error = %e, "cannot read the daemon's CPU set; the actor runs unpinned"),
             )
             .ok()?;
-        let count = (0..CpuSet::count())
-            .filter(|&c| all.is_set(c).unwrap_or(false))
-            .count();
         Some(Pinning {
             cpu,
             all,
-            policy: Policy::new(count, Instant::now()),
+            policy: Policy::new(members.len(), Instant::now()),
         })
     }
 
