@@ -65,12 +65,13 @@ async fn ask_actor(daemon: &Daemon) -> Option<(StatusReport, usize)> {
         }),
         queued: Instant::now(),
     };
-    // `send` may block while the queue is full: do it off the async workers.
     let queue_depth = actor.queue_depth();
-    tokio::task::spawn_blocking(move || actor.send(msg))
-        .await
-        .ok()?;
-    match tokio::time::timeout(Duration::from_secs(5), rx).await {
+    // Waiting for room in a full queue counts against the same 5 s as the answer.
+    let asked = async {
+        actor.send_async(msg).await;
+        rx.await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), asked).await {
         Ok(Ok(Ok(Reply::Status(s)))) => Some((s, queue_depth)),
         _ => None,
     }

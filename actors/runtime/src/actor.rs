@@ -23,6 +23,7 @@ use tracing::{debug, error, info, warn};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::callers;
+use crate::committer::Committer;
 use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
@@ -113,6 +114,13 @@ impl ActorHandle {
     /// answered with EIO here, so no request goes unanswered.
     pub fn send(&self, msg: Msg) {
         if let Err(flume::SendError(msg)) = self.tx.send(msg) {
+            (msg.reply)(Err(Errno::EIO));
+        }
+    }
+
+    /// `send` for async callers: waits for room in the queue without holding a thread.
+    pub async fn send_async(&self, msg: Msg) {
+        if let Err(flume::SendError(msg)) = self.tx.send_async(msg).await {
             (msg.reply)(Err(Errno::EIO));
         }
     }
@@ -222,7 +230,8 @@ pub struct Actor {
     requests: u64,
     commits: u64,
     durable_commits: u64,
-    runtime: tokio::runtime::Handle,
+    /// Runs the commits, one at a time, on one blocking task.
+    committer: Committer,
     metrics: Arc<Metrics>,
     /// When the inode gauge was last refreshed (it costs a table read).
     inodes_refreshed: Option<Instant>,
@@ -347,7 +356,7 @@ impl Actor {
             requests: 0,
             commits: 0,
             durable_commits: 0,
-            runtime,
+            committer: Committer::new(runtime),
             metrics,
             inodes_refreshed: None,
             deferred: Vec::new(),
@@ -520,7 +529,7 @@ impl Actor {
             replies: std::mem::take(&mut self.waiting),
         }));
         let answer = Arc::clone(&waiters);
-        self.runtime.spawn_blocking(move || {
+        self.committer.run(Box::new(move || {
             let started = Instant::now();
             // A panic inside redb must still answer the actor, which waits for this message.
             // (`run` lets go of the database before it returns, so the actor may reopen it.)
@@ -545,7 +554,7 @@ impl Actor {
                 (Err(failure), None)
             });
             let _ = done.send((r, started.elapsed(), wal));
-        });
+        }));
         self.in_flight = Some(InFlight {
             waiters,
             started: Instant::now(),

@@ -3,6 +3,7 @@
 
 pub mod actor;
 mod callers;
+mod committer;
 pub mod content;
 pub mod health;
 pub mod msg;
