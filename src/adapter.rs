@@ -15,7 +15,7 @@ use fuser::{
 use spoolfs_core::{Errno, Fh, Ino, Inode, Kind, SetAttr, SetTime, Timestamp};
 use std::sync::Arc;
 
-use crate::handoff::Handoff;
+use crate::handoff::{Handoff, Waited};
 use spoolfs_runtime::metrics::Metrics;
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply, Responder};
 use tracing::warn;
@@ -119,13 +119,13 @@ impl Adapter {
         let Some(handoff) = handoff else {
             return;
         };
-        let written_here = handoff.wait(self.handoff_wait);
+        let waited = handoff.wait(self.handoff_wait);
         if let Some(m) = &self.metrics {
-            if written_here {
-                m.handoff_by_fuse_thread.inc();
-            } else {
-                m.handoff_left_to_actor.inc();
-            }
+            match waited {
+                Waited::WrittenHere => m.handoff_by_fuse_thread.inc(),
+                Waited::AfterCommit => m.handoff_after_commit.inc(),
+                Waited::TooSlow => m.handoff_left_to_actor.inc(),
+            };
         }
     }
 }

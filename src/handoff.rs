@@ -70,8 +70,8 @@ impl Handoff {
 
     /// Called by the FUSE thread after sending the request: wait up to `spin` for the answer
     /// (or until the actor says it waits for a commit) and write it here; after that, leave
-    /// it to be written where it is produced. Returns whether the answer was written here.
-    pub fn wait(&self, spin: Duration) -> bool {
+    /// it to be written where it is produced. Returns who writes it.
+    pub fn wait(&self, spin: Duration) -> Waited {
         let until = Instant::now() + spin;
         loop {
             if self.ready.load(Ordering::Acquire)
@@ -90,12 +90,27 @@ impl Handoff {
                 State::Waiting | State::Gone => None,
             }
         };
-        let written_here = answer.is_some();
-        if let Some(answer) = answer {
-            answer();
+        match answer {
+            Some(answer) => {
+                answer();
+                Waited::WrittenHere
+            }
+            None if self.later.load(Ordering::Acquire) => Waited::AfterCommit,
+            None => Waited::TooSlow,
         }
-        written_here
     }
+}
+
+/// Who writes a handed-off answer (`Handoff::wait`; the `handoff_replies` metric's label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The FUSE thread that waited for it.
+    WrittenHere,
+    /// The answer waits for a commit: written by whoever finishes it (normally the commit
+    /// task, once the log is synced).
+    AfterCommit,
+    /// It came after the wait: written by the actor.
+    TooSlow,
 }
 
 #[cfg(test)]
@@ -120,7 +135,7 @@ mod tests {
             0,
             "left for the FUSE thread"
         );
-        assert!(h.wait(Duration::ZERO), "written by the waiter");
+        assert_eq!(h.wait(Duration::ZERO), Waited::WrittenHere);
         assert_eq!(written.load(Ordering::SeqCst), 1);
     }
 
@@ -128,7 +143,7 @@ mod tests {
     fn an_answer_after_the_wait_is_written_at_once() {
         let written = Arc::new(AtomicUsize::new(0));
         let h = Handoff::new();
-        assert!(!h.wait(Duration::from_micros(10)), "nothing to write yet");
+        assert_eq!(h.wait(Duration::from_micros(10)), Waited::TooSlow);
         h.deliver(counting(&written));
         assert_eq!(written.load(Ordering::SeqCst), 1);
     }
@@ -148,7 +163,7 @@ mod tests {
         let written_by_waiter = done_rx
             .recv_timeout(Duration::from_secs(60))
             .map_err(|e| format!("the flag did not end the wait: {e}"));
-        assert_eq!(written_by_waiter, Ok(false));
+        assert_eq!(written_by_waiter, Ok(Waited::AfterCommit));
         h.deliver(counting(&written));
         assert_eq!(written.load(Ordering::SeqCst), 1, "written by the producer");
     }

@@ -75,8 +75,10 @@ pub struct Metrics {
     /// Space kept free on the data dir's filesystem (`-o reserve=`).
     pub space_reserve_bytes: Gauge,
     /// Replies to requests whose FUSE thread waited for the answer (the binary's `handoff`):
-    /// written by that FUSE thread, or left to the actor because the answer was slow.
+    /// written by that FUSE thread, after a commit (by the commit task, once the log is
+    /// synced), or by the actor because the answer was slow.
     pub handoff_by_fuse_thread: Counter,
+    pub handoff_after_commit: Counter,
     pub handoff_left_to_actor: Counter,
 }
 
@@ -122,6 +124,7 @@ impl Metrics {
             handoff_by_fuse_thread: handoffs.get_or_create_owned(&WriterLabel {
                 writer: "fuse_thread",
             }),
+            handoff_after_commit: handoffs.get_or_create_owned(&WriterLabel { writer: "commit" }),
             handoff_left_to_actor: handoffs.get_or_create_owned(&WriterLabel { writer: "actor" }),
         };
         let r = registry;
@@ -175,8 +178,8 @@ impl Metrics {
         r.register(
             "handoff_replies",
             "Replies to requests whose FUSE thread waited for the actor's answer, by who wrote \
-             them: the FUSE thread (answer within --handoff-us) or the actor (slower answers; \
-             answers that wait for a commit are written by the commit task)",
+             them: the FUSE thread (answer within --handoff-us), the commit task (answers \
+             that wait for a commit: fsync, close) or the actor (slower answers)",
             handoffs,
         );
         r.register_with_unit(
