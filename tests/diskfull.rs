@@ -377,12 +377,11 @@ fn a_disk_full_under_the_database_fails_until_space_is_back_then_recovers_in_pla
     );
     verify(&t, &files, "after recovering in place");
     write_file(&t.path("recovered"), b"no remount needed").expect("write after recovery");
-    let (_, metrics) = http_get(port, "/metrics").expect("scrape");
+    let (_, mut metrics) = http_get(port, "/metrics").expect("scrape");
     assert_eq!(sample(&metrics, "spoolfs_storage_failed"), Some(0.0));
     // The probe was closed while the database was closed: its release was applied after the
     // reopen, not dropped (no handle leaks). The kernel sends a release after close() has
     // returned, so the last file's may still be on its way: wait for it, a leak never ends.
-    let mut metrics = metrics;
     let released = wait_until(Duration::from_secs(10), || {
         metrics = http_get(port, "/metrics").map_or_else(String::new, |(_, m)| m);
         sample(&metrics, "spoolfs_open_handles") == Some(0.0)

@@ -356,7 +356,7 @@ impl Actor {
             requests: 0,
             commits: 0,
             durable_commits: 0,
-            committer: Committer::new(runtime),
+            committer: Committer::new(&runtime),
             metrics,
             inodes_refreshed: None,
             deferred: Vec::new(),

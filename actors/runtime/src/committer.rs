@@ -15,46 +15,32 @@ use tokio::runtime::Handle;
 pub type CommitTask = Box<dyn FnOnce() + Send>;
 
 pub struct Committer {
-    runtime: Handle,
-    /// Feeds the running task; `None` until the first commit. Dropping it (with the actor)
-    /// ends the task.
-    tasks: Option<flume::Sender<CommitTask>>,
+    /// Feeds the commit task. Unbounded, yet never more than one commit waits in it: the
+    /// actor starts no commit while one is in flight, so it never blocks here. Dropping it
+    /// (with the actor) ends the task.
+    tasks: flume::Sender<CommitTask>,
 }
 
 impl Committer {
-    pub fn new(runtime: Handle) -> Self {
-        Committer {
-            runtime,
-            tasks: None,
-        }
-    }
-
-    /// Run `task` on the commit task, starting that task first if it is not running.
-    pub fn run(&mut self, task: CommitTask) {
-        let task = match &self.tasks {
-            Some(tx) => match tx.send(task) {
-                Ok(()) => return,
-                // The task ended. It cannot panic (each commit catches its own panics), so only
-                // a runtime that shut down takes it away: start it again below.
-                Err(flume::SendError(task)) => task,
-            },
-            None => task,
-        };
-        // Unbounded, yet never more than one task waits: the actor starts no commit while one
-        // is in flight, so the actor never blocks here.
-        let (tx, rx) = flume::unbounded::<CommitTask>();
-        self.runtime.spawn_blocking(move || {
+    /// Start the commit task on `runtime`'s blocking pool.
+    pub fn new(runtime: &Handle) -> Self {
+        let (tasks, rx) = flume::unbounded::<CommitTask>();
+        runtime.spawn_blocking(move || {
             for task in rx.iter() {
                 task();
             }
         });
-        if let Err(flume::SendError(task)) = tx.send(task) {
-            // The runtime refused the task (it is shutting down) and dropped the receiver:
-            // run the commit here rather than leave it and its waiters unanswered.
+        Committer { tasks }
+    }
+
+    /// Run `task` on the commit task.
+    pub fn run(&self, task: CommitTask) {
+        if let Err(flume::SendError(task)) = self.tasks.send(task) {
+            // The task is gone. Each commit catches its own panics, so only a runtime that
+            // shut down takes it away: run the commit here rather than leave it and its
+            // waiters unanswered.
             task();
-            return;
         }
-        self.tasks = Some(tx);
     }
 }
 
@@ -72,7 +58,7 @@ mod tests {
             .worker_threads(1)
             .build()
             .expect("a test runtime");
-        let mut committer = Committer::new(runtime.handle().clone());
+        let committer = Committer::new(runtime.handle());
         let mut threads = HashSet::new();
         for i in 0..1000 {
             let (tx, rx) = mpsc::channel();
