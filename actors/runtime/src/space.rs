@@ -12,12 +12,16 @@
 //! The numbers, all in bytes:
 //! - `V`: free space of the data dir's filesystem for unprivileged users (`statvfs` `f_bavail`),
 //!   read at most every `REFRESH_INTERVAL`, and sooner once `REFRESH_BYTES` of growth were
-//!   admitted since, or staged content was persisted since (it left the memfds for the file);
+//!   admitted since, or held content was written since (it reached the database file);
 //! - `R`: the reserve, `-o reserve=` (default `max(64 MiB, 1%)` of the filesystem);
-//! - `P`: content written into memfd staging buffers and not yet persisted (it will be, at the
-//!   next flush): charged `STORED_PER_STAGED` times, as writes are charged when admitted, the
-//!   way ext4's delayed allocation reserves blocks at write() so writeback cannot fail for
-//!   space;
+//! - `P`: content held in memory and not yet in the database file: written into memfd staging
+//!   buffers (it will be persisted at the next flush), or persisted by a flush into the pending
+//!   changes that the next commits write. Charged `STORED_PER_STAGED` times, as writes are
+//!   charged when admitted, the way ext4's delayed allocation reserves blocks at write() so
+//!   writeback cannot fail for space. Pending changes count until their commit is done: with
+//!   concurrent writers a flush moves megabytes out of the memfds while `V` does not show
+//!   them yet, and admitting against that `V` let 8 writers eat the reserve and run redb into
+//!   ENOSPC;
 //! - `F`: free room inside the database file. redb reuses the pages of deleted records but
 //!   never shrinks its file, so after a full disk and deletions through the mount `V` stays low
 //!   while the file has room. `F` = the file's allocated bytes minus an upper bound of what the
@@ -213,7 +217,7 @@ struct Reading {
     /// Bytes the database file occupies on the filesystem.
     db_alloc: u64,
     /// `P` when read.
-    staged: u64,
+    held: u64,
 }
 
 /// The last scan for room inside the database file.
@@ -250,8 +254,11 @@ pub struct SpaceGuard {
     reading: Option<Reading>,
     /// Growth admitted since the reading.
     consumed: u64,
-    /// `P` at the start of the current batch.
+    /// Content in memfd buffers at the start of the current batch (part of `P`).
     staged: u64,
+    /// Bytes of pending changes not yet written to the database file at the start of the
+    /// current batch (the rest of `P`).
+    unwritten: u64,
     scan: Option<Scan>,
     running: Option<Running>,
     last_scan_start: Option<Instant>,
@@ -284,6 +291,7 @@ impl SpaceGuard {
             reading: None,
             consumed: 0,
             staged: 0,
+            unwritten: 0,
             scan: None,
             running: None,
             last_scan_start: None,
@@ -320,10 +328,12 @@ impl SpaceGuard {
     }
 
     /// Start of a batch: `staged` is the content now in memfd buffers and not yet persisted;
-    /// `all_durable` says every commit so far is durable (then pages freed by them are
-    /// reusable, and a scan for room tells the truth).
-    pub fn begin_batch(&mut self, db: &Database, staged: u64, all_durable: bool) {
+    /// `unwritten` the bytes of pending changes (persisted, or being committed) that the
+    /// database file does not hold yet; `all_durable` says every commit so far is durable
+    /// (then pages freed by them are reusable, and a scan for room tells the truth).
+    pub fn begin_batch(&mut self, db: &Database, staged: u64, unwritten: u64, all_durable: bool) {
         self.staged = staged;
+        self.unwritten = unwritten;
         self.poll_scan();
         let Some(r) = self.reading else { return };
         let near_full = self.fs_free(&r).saturating_sub(self.staged_cost())
@@ -342,8 +352,13 @@ impl SpaceGuard {
         }
     }
 
+    /// `P`: content in memory that the database file does not hold yet.
+    fn held(&self) -> u64 {
+        self.staged.saturating_add(self.unwritten)
+    }
+
     fn staged_cost(&self) -> u64 {
-        self.staged.saturating_mul(STORED_PER_STAGED)
+        self.held().saturating_mul(STORED_PER_STAGED)
     }
 
     /// `V` minus what was admitted since it was read.
@@ -449,7 +464,7 @@ impl SpaceGuard {
             avail: v.blocks_available().saturating_mul(frsize),
             total: v.blocks().saturating_mul(frsize),
             db_alloc,
-            staged: self.staged,
+            held: self.held(),
         };
         if let Some(s) = &mut self.scan {
             let slack = (1 << 20u64).max(self.reserve_cfg.bytes(reading.total) / 16);
@@ -479,7 +494,7 @@ impl SpaceGuard {
             Some(r) => {
                 r.at.elapsed() >= REFRESH_INTERVAL
                     || self.consumed >= refresh_bytes(self.reserve(&r))
-                    || self.staged < r.staged
+                    || self.held() < r.held
             }
         };
         if stale {
@@ -546,7 +561,7 @@ impl SpaceGuard {
             return;
         }
         self.last_warn = Some(Instant::now());
-        warn!(data_dir = %self.data_dir.display(), available, reserve, staged = self.staged,
+        warn!(data_dir = %self.data_dir.display(), available, reserve, staged = self.staged, unwritten = self.unwritten,
             op = op.name(),
             "the data dir's filesystem is nearly full: operations that need space are answered \
              ENOSPC (deletions still work); free space on it or delete files from the mount \
