@@ -47,14 +47,34 @@ pub struct Adapter {
     /// How long a FUSE thread waits for the actor's answer to write the reply itself (see
     /// `handoff`); zero: the actor writes every reply.
     handoff_wait: Duration,
+    /// `-o writeback_cache` was asked for; after `init`, whether the kernel accepted it.
+    writeback_cache: bool,
 }
 
 impl Adapter {
-    pub fn new(actor: ActorHandle, metrics: Option<Arc<Metrics>>, handoff_wait: Duration) -> Self {
+    pub fn new(
+        actor: ActorHandle,
+        metrics: Option<Arc<Metrics>>,
+        handoff_wait: Duration,
+        writeback_cache: bool,
+    ) -> Self {
         Adapter {
             actor,
             metrics,
             handoff_wait,
+            writeback_cache,
+        }
+    }
+
+    /// Open flags as the core should see them. With the writeback cache the kernel fills
+    /// partly written pages by reading through whatever handle it writes back with, write-only
+    /// ones included, so those are opened read-write (as libfuse's passthrough does). Users
+    /// gain nothing: the kernel still refuses `read()` on their write-only descriptors.
+    fn open_flags(&self, flags: i32) -> i32 {
+        if self.writeback_cache && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            flags
         }
     }
 
@@ -309,6 +329,16 @@ impl Filesystem for Adapter {
         // getxattr("security.capability") before every write: a round trip per write saved.
         // Refused by an older kernel: then it keeps doing the check itself.
         let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
+        if self.writeback_cache {
+            if let Err(refused) = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE) {
+                warn!(
+                    ?refused,
+                    "the kernel does not offer the writeback cache; -o writeback_cache is \
+                     ignored and writes go to the daemon one by one"
+                );
+                self.writeback_cache = false;
+            }
+        }
         Ok(())
     }
 
@@ -482,7 +512,7 @@ impl Filesystem for Adapter {
             req,
             Op::Open {
                 ino: ino(i),
-                flags: flags.0,
+                flags: self.open_flags(flags.0),
             },
             open_reply(reply),
         );
@@ -727,7 +757,7 @@ impl Filesystem for Adapter {
             parent: ino(parent),
             name: name(n),
             mode,
-            flags,
+            flags: self.open_flags(flags),
         };
         self.send(req, op, move |r| match r {
             Ok(Reply::Created(i, f)) => reply.created(

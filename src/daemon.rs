@@ -194,6 +194,7 @@ fn run(
             actor,
             (args.metrics_addr != "off").then(|| metrics.clone()),
             std::time::Duration::from_micros(args.handoff_us),
+            opts.writeback_cache,
         ),
         fd,
         acl,

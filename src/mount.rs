@@ -60,6 +60,10 @@ pub struct Options {
     /// `commit_timeout=SECONDS`: how long a request may wait for durability (close, fsync,
     /// `-o sync`) before it is answered EIO while the disk does not answer.
     pub commit_timeout: Option<std::time::Duration>,
+    /// `writeback_cache`: the kernel keeps written data in its page cache and sends it in
+    /// large writes at fsync, close or writeback (faster bulk writes). A full disk is then
+    /// reported by `fsync()`/`close()` instead of `write()`.
+    pub writeback_cache: bool,
 }
 
 impl Options {
@@ -86,6 +90,8 @@ impl Options {
                 "sync" => self.sync = true,
                 "async" => self.sync = false,
                 "dirsync" => self.dirsync = true,
+                "writeback_cache" => self.writeback_cache = true,
+                "no_writeback_cache" => self.writeback_cache = false,
                 "noexec" => self.noexec = true,
                 "exec" => self.noexec = false,
                 "noatime" => self.noatime = true,
@@ -435,6 +441,17 @@ mod tests {
             e.as_ref().is_err_and(|e| e.contains("reserve \"lots\"")),
             "{e:?}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn writeback_cache_is_off_unless_asked_for() -> Result<(), String> {
+        let mut o = super::Options::defaults(true);
+        assert!(!o.writeback_cache);
+        o.parse("rw,writeback_cache")?;
+        assert!(o.writeback_cache);
+        o.parse("no_writeback_cache")?;
+        assert!(!o.writeback_cache);
         Ok(())
     }
 

@@ -183,10 +183,22 @@ fn no_errors_logged(t: &TestFs) {
 }
 
 fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[&str]) {
+    crash_rounds_with(mode, rounds, threads, base_seed, &[], extra);
+}
+
+/// `crash_rounds` with `-o` mount options.
+fn crash_rounds_with(
+    mode: Mode,
+    rounds: u64,
+    threads: u64,
+    base_seed: u64,
+    opts: &[&str],
+    extra: &[&str],
+) {
     let Some(t) = TestFs::new() else { return };
     let ledger = Arc::new(Ledger::default());
     {
-        let m = t.mount_full(&[], extra);
+        let m = t.mount_full(opts, extra);
         for d in ["tmp", "queue", "closed"] {
             fs::create_dir(t.path(d)).expect("mkdir");
         }
@@ -195,7 +207,7 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[
     }
     let mut schedule = Rng::new(base_seed);
     for round in 0..rounds {
-        let m = t.mount_full(&[], extra);
+        let m = t.mount_full(opts, extra);
         let acked_before = ledger.acked_count.load(Ordering::SeqCst);
         let stop = Arc::new(AtomicBool::new(false));
         let workers: Vec<_> = (0..threads)
@@ -231,7 +243,7 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[
         t.assert_fsck_clean(&format!("round {round} after kill -9"));
 
         let started = Instant::now();
-        let m = t.mount_full(&[], extra);
+        let m = t.mount_full(opts, extra);
         verify(&t.mnt, mode, &ledger, round);
         eprintln!(
             "round {round} ({mode:?}): killed after {delay:?}, {acked_round} acknowledged this round, \
@@ -247,7 +259,7 @@ fn crash_rounds(mode: Mode, rounds: u64, threads: u64, base_seed: u64, extra: &[
         m.umount();
     }
     // A clean restart at the end keeps everything too.
-    let m = t.mount_full(&[], extra);
+    let m = t.mount_full(opts, extra);
     verify(&t.mnt, mode, &ledger, rounds);
     no_errors_logged(&t);
     m.umount();
@@ -289,6 +301,15 @@ fn kill9_with_a_tiny_memfd_budget_loses_no_acknowledged_message() {
         0xB0D6E8,
         &["--memfd-budget", "131072"],
     );
+}
+
+/// With the writeback cache the kernel holds written data in its page cache until fsync or
+/// close hands it over: what those acknowledged must still all be there after kill -9.
+#[test]
+fn kill9_with_the_writeback_cache_loses_no_acknowledged_message() {
+    let wb = &["writeback_cache"];
+    crash_rounds_with(Mode::Spool, rounds(4), 4, 0x3B4C, wb, &[]);
+    crash_rounds_with(Mode::CloseOnly, rounds(3), 4, 0x3B4D, wb, &[]);
 }
 
 /// Atomic replacement (write tmp, fsync, rename over, fsync dir), the way a mail server

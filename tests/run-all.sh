@@ -5,7 +5,8 @@
 #   bash tests/run-all.sh
 #
 # Steps: formatting, clippy, release build, cargo tests (pure core model test, redb store,
-# mount/crash tests), fuzz, pjdfstest, fsx, stress, soak, monitoring. The last line is
+# mount/crash tests), fuzz, pjdfstest, fsx (both also with -o writeback_cache), stress, soak,
+# monitoring. The last line is
 # `spoolfs: N passed, M failed` (steps).
 set -uo pipefail
 
@@ -49,6 +50,10 @@ step cargo-test cargo test --release --workspace
 step fuzz env FUZZ_SECONDS="${FUZZ_SECONDS:-20}" bash fuzz/run.sh
 step pjdfstest bash tests/pjdfstest/run.sh
 step fsx bash tests/fsx/run.sh
+# The same two with the opt-in writeback cache (-o writeback_cache): the kernel then reads
+# through write-only handles and owns the file's size and times while pages are dirty.
+step pjdfstest-writeback env SPOOLFS_MOUNT_OPTS=writeback_cache bash tests/pjdfstest/run.sh
+step fsx-writeback env SPOOLFS_MOUNT_OPTS=writeback_cache FSX_SEED=2 bash tests/fsx/run.sh
 step stress bash tests/stress/run.sh
 # 10 minutes of mixed spool load under a small memfd budget: the budget holds and RSS stays
 # flat (SOAK_SECONDS shortens it for local runs); see tests/soak/run.sh.
