@@ -336,8 +336,8 @@ impl SpaceGuard {
         self.unwritten = unwritten;
         self.poll_scan();
         let Some(r) = self.reading else { return };
-        let near_full = self.fs_free(&r).saturating_sub(self.staged_cost())
-            < self.reserve(&r).saturating_mul(2);
+        let near_full =
+            self.fs_free(&r).saturating_sub(self.held_cost()) < self.reserve(&r).saturating_mul(2);
         let since_last = self.last_scan_start.map_or(Duration::MAX, |t| t.elapsed());
         let worth =
             self.freed || (self.scan.is_some_and(|s| !s.valid) && since_last >= RESCAN_INTERVAL);
@@ -357,7 +357,7 @@ impl SpaceGuard {
         self.staged.saturating_add(self.unwritten)
     }
 
-    fn staged_cost(&self) -> u64 {
+    fn held_cost(&self) -> u64 {
         self.held().saturating_mul(STORED_PER_STAGED)
     }
 
@@ -519,7 +519,7 @@ impl SpaceGuard {
         let fs_free = self.fs_free(&r);
         let total_free = fs_free
             .saturating_add(self.internal_free(&r))
-            .saturating_sub(self.staged_cost());
+            .saturating_sub(self.held_cost());
         let (ok, charge) = match need {
             Need::Nothing => (true, 0),
             Need::Grow(c) | Need::Check(c) => (
@@ -561,8 +561,8 @@ impl SpaceGuard {
             return;
         }
         self.last_warn = Some(Instant::now());
-        warn!(data_dir = %self.data_dir.display(), available, reserve, staged = self.staged, unwritten = self.unwritten,
-            op = op.name(),
+        warn!(data_dir = %self.data_dir.display(), available, reserve, staged = self.staged,
+            unwritten = self.unwritten, op = op.name(),
             "the data dir's filesystem is nearly full: operations that need space are answered \
              ENOSPC (deletions still work); free space on it or delete files from the mount \
              (spoolfs_request_errors_total{{errno=\"ENOSPC\"}} counts the refusals)");
