@@ -16,6 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use nix::fcntl::{fallocate, FallocateFlags};
+use spoolfs_core::data::zeroed;
 use spoolfs_core::{Dentry, Ino, Inode, Store, StoreError, StoreResult, CHUNK_SIZE};
 use spoolfs_store::{Pending, SharedBytes};
 use tracing::error;
@@ -71,6 +72,9 @@ pub struct ContentCache {
     evicted: Vec<Ino>,
     /// `SHARE_MIN_CHUNKS` (tests lower it).
     share_min_chunks: usize,
+    /// One chunk, reused by every persist that copies (see `data::zeroed` for why not a
+    /// fresh buffer each time).
+    scratch: Vec<u8>,
 }
 
 impl ContentCache {
@@ -82,6 +86,7 @@ impl ContentCache {
             taken: Vec::new(),
             evicted: Vec::new(),
             share_min_chunks: SHARE_MIN_CHUNKS,
+            scratch: zeroed(CHUNK),
         }
     }
 
@@ -209,11 +214,6 @@ impl<'a> BatchStore<'a> {
             attrs: attrs.clone(),
             detached,
         });
-        let mut buf = if map.is_none() {
-            vec![0u8; CHUNK]
-        } else {
-            Vec::new()
-        };
         for idx in dirty {
             let base = idx * CHUNK_SIZE;
             self.wrote = true;
@@ -233,10 +233,11 @@ impl<'a> BatchStore<'a> {
                     self.tables.put_chunk_shared(ino, idx, b);
                 }
                 None => {
-                    let r = read_memfd(&self.cache.files[&ino].memfd, base, &mut buf[..len])
+                    let buf = &mut self.cache.scratch[..len];
+                    let r = read_memfd(&self.cache.files[&ino].memfd, base, buf)
                         .map_err(|e| io_err("read memfd", ino, e));
                     self.check(r)?;
-                    self.tables.put_chunk(ino, idx, &buf[..len]);
+                    self.tables.put_chunk(ino, idx, &self.cache.scratch[..len]);
                 }
             }
         }
@@ -341,7 +342,7 @@ fn restore(f: &mut Staged, ino: Ino, d: Detached, dirty: &BTreeSet<u64>) -> u64 
     // Something still reads the old memfd, so it must not be written again: copy the unsaved
     // chunks into the current one instead.
     for idx in dirty {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = zeroed(CHUNK);
         let base = idx * CHUNK_SIZE;
         let r = read_memfd(&memfd, base, &mut buf).and_then(|()| f.memfd.write_all_at(&buf, base));
         match r {
