@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use crate::handoff::{Handoff, Waited};
 use spoolfs_runtime::metrics::Metrics;
+use spoolfs_runtime::pinning::ActorPlacement;
 use spoolfs_runtime::{ActorHandle, Caller, Msg, Op, Reply, Responder};
 use tracing::warn;
 
@@ -49,6 +50,8 @@ pub struct Adapter {
     handoff_wait: Duration,
     /// `-o writeback_cache` was asked for; after `init`, whether the kernel accepted it.
     writeback_cache: bool,
+    /// The actor's CPU, which FUSE threads keep off while it is pinned (see `pinning`).
+    placement: Arc<ActorPlacement>,
 }
 
 impl Adapter {
@@ -57,12 +60,14 @@ impl Adapter {
         metrics: Option<Arc<Metrics>>,
         handoff_wait: Duration,
         writeback_cache: bool,
+        placement: Arc<ActorPlacement>,
     ) -> Self {
         Adapter {
             actor,
             metrics,
             handoff_wait,
             writeback_cache,
+            placement,
         }
     }
 
@@ -85,6 +90,7 @@ impl Adapter {
         reply: impl FnOnce(Result<Reply, Errno>) + Send + 'static,
     ) {
         let received = Instant::now();
+        self.placement.keep_off();
         let Some(metrics) = self.metrics.clone() else {
             self.hand_off(req, op, reply, received);
             return;

@@ -147,6 +147,7 @@ fn run(
     config.memfd_budget = args.memfd_budget;
     config.poll = std::time::Duration::from_micros(args.poll_us);
     config.cpu = actor_cpu(args.actor_cpu);
+    config.cpu_movable = matches!(args.actor_cpu, ActorCpu::Last);
     config.root_uid = nix::unistd::getuid().as_raw();
     config.root_gid = nix::unistd::getgid().as_raw();
     config.reserve = opts.reserve.unwrap_or_default();
@@ -157,6 +158,7 @@ fn run(
     // spoolfs_* metrics live in a prefixed sub-registry; process_* metrics at the root.
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(registry.sub_registry_with_prefix("spoolfs")));
+    let placement = config.placement.clone();
     let (actor, actor_thread) = Actor::start(config, runtime.handle().clone(), metrics.clone())
         .map_err(|e| fail(format!("{e}")))?;
     let readiness = Arc::new(Readiness {
@@ -195,6 +197,7 @@ fn run(
             (args.metrics_addr != "off").then(|| metrics.clone()),
             std::time::Duration::from_micros(args.handoff_us),
             opts.writeback_cache,
+            placement,
         ),
         fd,
         acl,

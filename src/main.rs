@@ -89,8 +89,8 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 50, value_parser = micros_up_to_a_second())]
     poll_us: u64,
     /// CPU to pin the actor thread to while its callers are fewer than the daemon's CPUs: a
-    /// number, `last` (the last CPU this process may use, if it may use two or more) or
-    /// `none`.
+    /// number, `last` (the last CPU this process may use, if it may use two or more; the
+    /// actor moves to another when a caller keeps running on it) or `none`.
     #[arg(long, default_value = "last", value_parser = parse_actor_cpu)]
     actor_cpu: ActorCpu,
     /// Microseconds a FUSE thread waits for the actor's answer to write the reply itself, on

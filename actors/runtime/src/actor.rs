@@ -28,7 +28,7 @@ use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
-use crate::pinning::Pinning;
+use crate::pinning::{ActorPlacement, Pinning};
 use crate::space::{Reserve, SpaceGuard};
 
 #[derive(Debug, Clone)]
@@ -56,6 +56,11 @@ pub struct ActorConfig {
     /// running CPUs (cheap) instead of waking an idle one (on a VM, an interrupt and a halt
     /// exit: ~25 µs on the test VM); see `pinning` and the binary's `handoff`.
     pub cpu: Option<usize>,
+    /// The actor may move off `cpu` to another when a caller runs there (`cpu` was chosen for
+    /// it; an operator who named a CPU keeps it). See `pinning`.
+    pub cpu_movable: bool,
+    /// Where the actor runs, for the FUSE threads (they keep off its CPU while it is pinned).
+    pub placement: Arc<ActorPlacement>,
     /// Owner and mode of the root directory of a new filesystem.
     pub root_uid: u32,
     pub root_gid: u32,
@@ -81,6 +86,8 @@ impl ActorConfig {
             queue_capacity: 1024,
             poll: Duration::from_micros(50),
             cpu: None,
+            cpu_movable: false,
+            placement: Arc::default(),
             root_uid: 0,
             root_gid: 0,
             root_perm: 0o755,
@@ -340,7 +347,8 @@ impl Actor {
             metrics.clone(),
             config.data_dir.clone(),
         );
-        let config_cpu = config.cpu;
+        let (config_cpu, cpu_movable) = (config.cpu, config.cpu_movable);
+        let placement = config.placement.clone();
         let mut actor = Actor {
             space,
             faults,
@@ -361,7 +369,7 @@ impl Actor {
             inodes_refreshed: None,
             deferred: Vec::new(),
             callers_checked: Instant::now(),
-            pinning: Pinning::new(config_cpu),
+            pinning: Pinning::new(config_cpu, cpu_movable, placement),
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())

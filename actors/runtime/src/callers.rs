@@ -37,6 +37,14 @@ pub fn gave_up(tid: u32) -> bool {
     exiting || killed
 }
 
+/// The CPU task `tid` last ran on (for a caller blocked in a request: the CPU it sent it
+/// from), or `None` if it cannot be read.
+pub fn last_cpu(tid: u32) -> Option<usize> {
+    let tid = i32::try_from(tid).ok().filter(|&t| t > 0)?;
+    let cpu = Process::new(tid).ok()?.stat().ok()?.processor?;
+    usize::try_from(cpu).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
