@@ -154,7 +154,7 @@ pub struct ActorPlacement {
 const NOT_PINNED: usize = usize::MAX;
 
 thread_local! {
-    /// The actor CPU this thread last placed itself for (`NOT_PINNED` + 1: never).
+    /// The actor CPU this thread last placed itself for (`NOT_PINNED - 1`: not yet placed).
     static KEPT_OFF: Cell<usize> = const { Cell::new(NOT_PINNED - 1) };
 }
 
