@@ -172,11 +172,6 @@ impl ActorPlacement {
         self.cpu.store(cpu.unwrap_or(NOT_PINNED), Ordering::Relaxed);
     }
 
-    /// The actor's CPU while it is pinned.
-    pub fn pinned_cpu(&self) -> Option<usize> {
-        Some(self.cpu.load(Ordering::Relaxed)).filter(|&c| c != NOT_PINNED)
-    }
-
     /// Called by a FUSE thread before it hands a request to the actor: run anywhere but on
     /// the pinned actor's CPU (one atomic load; a system call only when the actor moved).
     pub fn keep_off(&self) {
