@@ -535,7 +535,7 @@ fn a_large_file_reaches_the_disk_before_its_close() {
     let db = t.data.join(spoolfs_store::DB_FILE);
     let db_len = || fs::metadata(&db).map(|md| md.len()).unwrap_or(0);
     let before = db_len();
-    let size = 48usize << 20;
+    let size = 56usize << 20;
     let data = Rng::new(0x3B1D).bytes(size);
     let mut f = File::create(t.path("big")).expect("create");
     for block in data.chunks(128 << 10) {
@@ -546,7 +546,7 @@ fn a_large_file_reaches_the_disk_before_its_close() {
     let behind = before + (32 << 20);
     assert!(
         wait_until(std::time::Duration::from_secs(30), || db_len() >= behind),
-        "the database grew from {before} to {} bytes while 48 MiB were written and not \
+        "the database grew from {before} to {} bytes while 56 MiB were written and not \
          yet synced: the content is not written behind",
         db_len()
     );

@@ -168,6 +168,12 @@ const MAX_UNDURABLE: Duration = Duration::from_secs(1);
 /// memory held for it moderate).
 const SEAL_BYTES: usize = 16 << 20;
 
+// A file's write-behind step fills the pending changes to the seal size: it starts a commit
+// at once instead of waiting for the next barrier or `MAX_UNDURABLE`.
+const _: () = assert!(
+    crate::content::WRITE_BEHIND_CHUNKS as u64 * spoolfs_core::CHUNK_SIZE >= SEAL_BYTES as u64
+);
+
 /// Pending changes past which new data is refused while a commit is stuck or failing (the
 /// memory held in front of a slow or failed disk is bounded).
 const MAX_PENDING_BYTES: usize = 256 << 20;

@@ -35,10 +35,10 @@ const CHUNK: usize = CHUNK_SIZE as usize;
 /// `SharedBytes`). Below this, copying is cheaper than a new memfd and a mapping.
 pub const SHARE_MIN_CHUNKS: usize = 16;
 
-/// Dirty chunks of one file that start its write-behind (16 MiB): at least the actor's seal
-/// size, so each one starts a commit, and far above a mail message (a spool file is
-/// persisted by its own fsync and close, never behind).
-pub const WRITE_BEHIND_CHUNKS: usize = 256;
+/// Dirty chunks of one file that start its write-behind (16 MiB, rounded up to whole chunks):
+/// at least the actor's seal size, so each step starts a commit, and far above a mail message
+/// (a spool file is persisted by its own fsync and close, never behind).
+pub const WRITE_BEHIND_CHUNKS: usize = (16u64 << 20).div_ceil(CHUNK_SIZE) as usize;
 
 fn io_err(what: &str, ino: Ino, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("{what} for inode {ino}: {e}"))
@@ -287,8 +287,8 @@ impl<'a> BatchStore<'a> {
         Ok(())
     }
 
-    /// Persist `ino` and drop its memfd contents (over budget, write-behind), the latter once the operation
-    /// succeeds (`ContentCache::end_op`).
+    /// Persist `ino` and drop its memfd contents (over budget, write-behind), the latter once
+    /// the operation succeeds (`ContentCache::end_op`).
     fn evict(&mut self, ino: Ino) -> StoreResult<()> {
         let size = self.size_of(ino)?;
         self.persist(ino, size)?;
