@@ -1,6 +1,7 @@
 //! Where the daemon's threads run (see `actors/runtime/src/pinning.rs`): the actor pinned to
 //! a CPU of its own while few callers are active, moving off it when a caller keeps running
-//! there, and the FUSE threads keeping off it.
+//! there, and the FUSE threads keeping off it; and callers killed in the middle of their
+//! requests while the daemon looks at their `/proc` entries.
 
 mod common;
 
@@ -170,4 +171,65 @@ fn an_actor_cpu_named_by_the_operator_is_kept() {
     .expect("the caller thread");
     assert!(stayed, "the actor left the CPU the operator named");
     m.umount();
+}
+
+/// The daemon reads its callers' `/proc` entries (where they run; whether they were killed
+/// while they wait for a commit). Such a read once slept in the kernel for good, on the
+/// actor thread, for a caller killed in the middle of a write that only the actor could
+/// answer. Writers killed at seeded random moments in their writes and fsyncs must go away,
+/// and the mount keep answering, every time.
+#[test]
+fn writers_killed_in_the_middle_of_their_writes_leave_the_mount_answering() {
+    let Some(t) = TestFs::new() else { return };
+    let m = t.mount();
+    let writer = "import os, sys, threading\n\
+                  def w(i):\n\
+                  \x20   fd = os.open(f'{sys.argv[1]}/f{i}', os.O_CREAT | os.O_WRONLY, 0o600)\n\
+                  \x20   while True:\n\
+                  \x20       os.write(fd, b'x' * (128 << 10))\n\
+                  \x20       if i % 2: os.fsync(fd)\n\
+                  ts = [threading.Thread(target=w, args=(i,)) for i in range(4)]\n\
+                  [t.start() for t in ts]\n\
+                  print('writing', flush=True)\n\
+                  [t.join() for t in ts]\n";
+    let mut rng = Rng::new(0x6B11);
+    for round in 0..20 {
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", writer])
+            .arg(&t.mnt)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start python3");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("the writer's output")),
+            &mut line,
+        )
+        .expect("read the writer's output");
+        assert_eq!(
+            line.trim(),
+            "writing",
+            "round {round}: the writer did not start"
+        );
+        std::thread::sleep(Duration::from_millis(rng.range(1, 150)));
+        child.kill().expect("SIGKILL the writer");
+        let gone = wait_until(Duration::from_secs(30), || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        });
+        assert!(gone, "round {round}: a killed writer did not go away");
+        // A hang guard, not a timing assertion: a stat on another thread must be answered.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let root = t.mnt.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(std::fs::metadata(root).is_ok());
+        });
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(30)),
+            Ok(true),
+            "round {round}: the mount does not answer after a killed writer"
+        );
+    }
+    m.assert_healthy();
+    m.umount();
+    t.assert_fsck_clean("after killed writers");
 }

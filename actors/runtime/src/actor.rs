@@ -261,6 +261,8 @@ pub struct Actor {
     deferred: Vec<Msg>,
     /// The actor thread's CPU placement (`None`: never pinned).
     pinning: Option<Pinning>,
+    /// Reads callers' `/proc` entries off this thread (see `callers`).
+    probe: callers::Probe,
 }
 
 fn now() -> Timestamp {
@@ -277,6 +279,9 @@ fn now() -> Timestamp {
 enum Event {
     Commit(CommitResult),
     Msg(Msg),
+    Probe(callers::Answer),
+    /// The probe's thread is gone (it cannot be, short of a panic there): no more answers.
+    ProbeGone,
     Closed,
     Tick,
 }
@@ -355,6 +360,8 @@ impl Actor {
         );
         let (config_cpu, cpu_movable) = (config.cpu, config.cpu_movable);
         let placement = config.placement.clone();
+        let (probe, answers) =
+            callers::Probe::start(callers::Reader::PROC).map_err(StartError::Thread)?;
         let mut actor = Actor {
             space,
             faults,
@@ -375,7 +382,8 @@ impl Actor {
             inodes_refreshed: None,
             deferred: Vec::new(),
             callers_checked: Instant::now(),
-            pinning: Pinning::new(config_cpu, cpu_movable, placement),
+            pinning: Pinning::new(config_cpu, cpu_movable, placement, probe.clone()),
+            probe,
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -383,17 +391,22 @@ impl Actor {
                 if let Some(p) = &mut actor.pinning {
                     p.start();
                 }
-                actor.run(rx)
+                actor.run(rx, answers)
             })
             .map_err(StartError::Thread)?;
         Ok((ActorHandle { tx }, join))
     }
 
-    fn run(mut self, rx: flume::Receiver<Msg>) {
+    fn run(mut self, rx: flume::Receiver<Msg>, answers: flume::Receiver<callers::Answer>) {
         // How each commit ended, sent by its task.
         let (done_tx, done_rx) = flume::bounded::<CommitResult>(2);
+        let mut answers = Some(answers);
         let mut open = true;
         loop {
+            // The probe's answers, also while requests keep the actor busy.
+            while let Some(a) = answers.as_ref().and_then(|r| r.try_recv().ok()) {
+                self.probe_answered(a);
+            }
             // Waits past their deadline are answered even while requests keep the actor busy
             // (the deadline only wakes an idle actor).
             if self.next_deadline().is_some_and(|d| d <= Instant::now()) {
@@ -414,6 +427,12 @@ impl Actor {
                 Ok(e) => Event::Commit(e),
                 Err(_) => Event::Commit(vanished()),
             });
+            if let Some(answers) = &answers {
+                selector = selector.recv(answers, |r| match r {
+                    Ok(a) => Event::Probe(a),
+                    Err(_) => Event::ProbeGone,
+                });
+            }
             if accept {
                 selector = selector.recv(&rx, |r| match r {
                     Ok(m) => Event::Msg(m),
@@ -429,6 +448,14 @@ impl Actor {
                 Event::Msg(m) => self.apply_with_queued(m, &rx),
                 Event::Closed => open = false,
                 Event::Tick => self.expire_waits(),
+                Event::Probe(a) => self.probe_answered(a),
+                Event::ProbeGone => {
+                    error!(
+                        "the callers' probe thread ended: callers killed while they wait \
+                        for a commit are answered at the commit timeout"
+                    );
+                    answers = None;
+                }
             }
         }
         self.shutdown();
@@ -619,29 +646,12 @@ impl Actor {
         self.refresh_gauges();
     }
 
-    /// Answer EIO to every reply that has waited for durability longer than the timeout, and
-    /// EINTR to waits older than `CALLER_CHECK` whose caller gave up (killed or exiting:
-    /// fuser cannot pass the kernel's INTERRUPT on; see `callers`).
-    fn expire_waits(&mut self) {
-        let timeout = self.config.commit_timeout;
-        let check_callers = self.callers_checked.elapsed() >= CALLER_CHECK;
-        if check_callers {
-            self.callers_checked = Instant::now();
-        }
-        let mut late = Vec::new();
-        let mut abandoned = Vec::new();
+    /// Take out of the held replies (waiting and in flight) those `pick` chooses.
+    fn take_held(&mut self, mut pick: impl FnMut(&Held) -> bool) -> Vec<Held> {
+        let mut taken = Vec::new();
         let mut sort = |held: Vec<Held>| {
-            let mut keep = Vec::with_capacity(held.len());
-            for h in held {
-                let waited = h.2.elapsed();
-                if waited >= timeout {
-                    late.push(h);
-                } else if check_callers && waited >= CALLER_CHECK && callers::gave_up(h.3) {
-                    abandoned.push(h);
-                } else {
-                    keep.push(h);
-                }
-            }
+            let (t, keep): (Vec<Held>, Vec<Held>) = held.into_iter().partition(&mut pick);
+            taken.extend(t);
             keep
         };
         if let Some(flight) = &self.in_flight {
@@ -650,13 +660,26 @@ impl Actor {
             w.replies = sort(held);
         }
         self.waiting = sort(std::mem::take(&mut self.waiting));
-        if !abandoned.is_empty() {
-            info!(
-                callers = abandoned.len(),
-                "callers killed or exiting while they waited for a commit: answered EINTR"
-            );
-            for (reply, _, _, _) in abandoned {
-                reply(Err(Errno::EINTR));
+        taken
+    }
+
+    /// Answer EIO to every reply that has waited for durability longer than the timeout, and
+    /// ask the callers' probe which callers of waits older than `CALLER_CHECK` gave up
+    /// (answered in `callers_gave_up`).
+    fn expire_waits(&mut self) {
+        let timeout = self.config.commit_timeout;
+        let late = self.take_held(|h| h.2.elapsed() >= timeout);
+        if self.callers_checked.elapsed() >= CALLER_CHECK {
+            self.callers_checked = Instant::now();
+            let old_wait = |h: &Held| (h.2.elapsed() >= CALLER_CHECK && h.3 != 0).then_some(h.3);
+            let mut old: Vec<u32> = self.waiting.iter().filter_map(old_wait).collect();
+            if let Some(flight) = &self.in_flight {
+                old.extend(waiters_of(flight).replies.iter().filter_map(old_wait));
+            }
+            old.sort_unstable();
+            old.dedup();
+            if !old.is_empty() {
+                self.probe.ask_gave_up(old);
             }
         }
         if !late.is_empty() {
@@ -667,6 +690,34 @@ impl Actor {
                  Check the disk holding the data dir");
             for (reply, _, _, _) in late {
                 reply(Err(Errno::EIO));
+            }
+        }
+    }
+
+    /// The probe's answer: these callers are killed or exiting. Their waits (older than
+    /// `CALLER_CHECK`, as asked) are answered EINTR, as a libfuse filesystem answers an
+    /// INTERRUPT (fuser cannot pass the kernel's on; see `callers`).
+    fn callers_gave_up(&mut self, tids: &[u32]) {
+        let abandoned = self.take_held(|h| h.2.elapsed() >= CALLER_CHECK && tids.contains(&h.3));
+        if !abandoned.is_empty() {
+            info!(
+                callers = abandoned.len(),
+                "callers killed or exiting while they waited for a commit: answered EINTR"
+            );
+            for (reply, _, _, _) in abandoned {
+                reply(Err(Errno::EINTR));
+            }
+        }
+    }
+
+    /// An answer from the callers' probe.
+    fn probe_answered(&mut self, answer: callers::Answer) {
+        match answer {
+            callers::Answer::GaveUp(tids) => self.callers_gave_up(&tids),
+            callers::Answer::LastCpu { tid, cpu } => {
+                if let Some(p) = &mut self.pinning {
+                    p.caller_ran_on(tid, cpu);
+                }
             }
         }
     }

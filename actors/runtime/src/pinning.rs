@@ -206,6 +206,8 @@ pub struct Pinning {
     shared: u32,
     policy: Policy,
     published: Arc<ActorPlacement>,
+    /// Reads where a caller last ran (never on the actor thread: see `callers`).
+    probe: callers::Probe,
 }
 
 impl Pinning {
@@ -215,6 +217,7 @@ impl Pinning {
         cpu: Option<usize>,
         movable: bool,
         published: Arc<ActorPlacement>,
+        probe: callers::Probe,
     ) -> Option<Pinning> {
         let cpu = cpu?;
         let (all, members) = daemon_cpus()
@@ -230,6 +233,7 @@ impl Pinning {
             movable,
             shared: 0,
             published,
+            probe,
         })
     }
 
@@ -258,12 +262,17 @@ impl Pinning {
         }
     }
 
-    /// Move to another CPU if caller `pid` keeps running on the actor's (see the module doc).
+    /// Ask where caller `pid` last ran (answered in `caller_ran_on`).
     fn check_caller(&mut self, pid: u32) {
-        if !self.movable {
-            return;
+        if self.movable {
+            self.probe.ask_last_cpu(pid);
         }
-        if callers::last_cpu(pid) != Some(self.cpu) {
+    }
+
+    /// The probe's answer to `check_caller`: move to another CPU if the caller keeps running
+    /// on the actor's (see the module doc).
+    pub fn caller_ran_on(&mut self, tid: u32, cpu: Option<usize>) {
+        if !self.policy.pinned || cpu != Some(self.cpu) {
             self.shared = 0;
             return;
         }
@@ -280,7 +289,7 @@ impl Pinning {
             debug!(
                 from,
                 to,
-                caller = pid,
+                caller = tid,
                 "a caller runs on the actor's CPU: the actor moved"
             );
         } else {
