@@ -68,6 +68,7 @@ pub fn mount(args: MountArgs, log_format: LogFormat) -> Result<(), Failure> {
         opts.parse(list).map_err(|m| Failure::new(exit::USAGE, m))?;
     }
     let mnt = mount::check_mountpoint(&args.mountpoint)?;
+    mount::check_data_dir_outside(&args.data_dir, &mnt)?;
     let data_dir = mount::prepare_data_dir(&args.data_dir)?;
     let is_child = std::env::var_os(CHILD_ENV).is_some();
     if !args.foreground && !is_child {

@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -254,6 +254,53 @@ pub fn check_mountpoint(mnt: &Path) -> Result<PathBuf, Failure> {
     Ok(abs)
 }
 
+/// `path` absolute with symlinks resolved, also when its last components do not exist yet (a
+/// data dir created at mount): the longest existing head is canonicalized, and the rest
+/// (which cannot hold symlinks) is applied to it as written.
+fn resolve(path: &Path) -> PathBuf {
+    let Ok(abs) = std::path::absolute(path) else {
+        return path.to_path_buf();
+    };
+    let parts: Vec<Component> = abs.components().collect();
+    for split in (1..=parts.len()).rev() {
+        let head: PathBuf = parts[..split].iter().collect();
+        if let Ok(mut resolved) = std::fs::canonicalize(&head) {
+            for part in &parts[split..] {
+                match part {
+                    Component::ParentDir => {
+                        resolved.pop();
+                    }
+                    Component::Normal(name) => resolved.push(name),
+                    _ => {}
+                }
+            }
+            return resolved;
+        }
+    }
+    abs
+}
+
+/// The data dir must not be the mountpoint or under it (`mnt`, canonical): the mount would
+/// hide it from the operator, and every path the daemon opens or stats in it would go through
+/// its own mount and wait for the daemon itself (a deadlock: `statvfs` of the data dir is
+/// enough).
+pub fn check_data_dir_outside(data_dir: &Path, mnt: &Path) -> Result<(), Failure> {
+    let data = resolve(data_dir);
+    if !data.starts_with(mnt) {
+        return Ok(());
+    }
+    Err(Failure::new(
+        exit::USAGE,
+        format!(
+            "{}: the data dir is inside the mountpoint {}: the mount would hide it, and the \
+             daemon would wait on its own mount for every file it opens there; put it outside \
+             the mountpoint (e.g. /var/lib/spoolfs)",
+            data.display(),
+            mnt.display()
+        ),
+    ))
+}
+
 /// The data dir lock: an flock on `DATA_DIR/spoolfs.lock` holding the owner's PID, kept for
 /// the daemon's life so two daemons never share one database.
 pub struct DataDirLock {
@@ -410,6 +457,45 @@ pub fn unmount(mnt: &Path, lazy: bool) -> nix::Result<()> {
 mod tests {
     use super::mountinfo_unescape;
     use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn a_data_dir_inside_the_mountpoint_is_refused_however_it_is_spelled() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let root = std::fs::canonicalize(tmp.path()).expect("canonical tempdir");
+        let mnt = root.join("spool");
+        std::fs::create_dir(&mnt).expect("mkdir spool");
+        std::os::unix::fs::symlink(&mnt, root.join("link")).expect("symlink");
+        let refused = |data: std::path::PathBuf| {
+            super::check_data_dir_outside(&data, &mnt)
+                .map_err(|f| (f.code, f.message))
+                .err()
+        };
+        for inside in [
+            mnt.clone(),
+            mnt.join("data"),
+            mnt.join("new/deeper"),
+            root.join("link/data"),
+            root.join("other/../spool/data"),
+            root.join("missing/../spool/./data"),
+        ] {
+            let got = refused(inside.clone());
+            assert!(
+                got.as_ref()
+                    .is_some_and(|(code, m)| *code == super::exit::USAGE
+                        && m.contains("inside the mountpoint")),
+                "{}: {got:?}",
+                inside.display()
+            );
+        }
+        for outside in [
+            root.join("data"),
+            root.join("spool-data"),
+            root.join("spool/../data"),
+            root.clone(),
+        ] {
+            assert_eq!(refused(outside.clone()), None, "{}", outside.display());
+        }
+    }
 
     #[test]
     fn commit_timeout_is_a_mount_option() -> Result<(), String> {

@@ -80,6 +80,30 @@ fn mountpoint_that_is_not_a_directory_exits_16() {
     assert!(!is_mounted(&file) && !is_mounted(&missing));
 }
 
+/// A data dir under the mountpoint: the daemon would stat and open it through its own mount
+/// and wait on itself (it did, in `statvfs`, at the first write). Refused before anything is
+/// created or mounted.
+#[test]
+fn a_data_dir_inside_the_mountpoint_exits_2() {
+    let Some(t) = TestFs::new() else { return };
+    let inside = t.mnt.join("data");
+    let out = spoolfs([
+        OsStr::new("mount"),
+        OsStr::new("--metrics-addr"),
+        OsStr::new("off"),
+        inside.as_os_str(),
+        t.mnt.as_os_str(),
+    ]);
+    assert_eq!(code(&out), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("inside the mountpoint"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!is_mounted(&t.mnt), "mounted anyway");
+    assert!(!inside.exists(), "the refused data dir was created");
+}
+
 #[test]
 fn second_daemon_on_the_same_data_dir_exits_19_naming_the_pid() {
     let Some(t) = TestFs::new() else { return };
