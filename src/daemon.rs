@@ -156,6 +156,10 @@ fn run(
         config.commit_timeout = t;
     }
     let storage_health = config.health.clone();
+    // The notify pool's queue exists before the actor (which queues to it); its threads start
+    // once the session can send notifications.
+    let (invalidations, pool_queue) = NotifyPool::channel(4096);
+    config.invalidations = Some(invalidations);
     // spoolfs_* metrics live in a prefixed sub-registry; process_* metrics at the root.
     let mut registry = Registry::default();
     let metrics = Arc::new(Metrics::new(registry.sub_registry_with_prefix("spoolfs")));
@@ -219,7 +223,7 @@ fn run(
     let _notify_pool = match NotifyPool::start(
         Arc::new(FuseNotifier(session.notifier())),
         1,
-        4096,
+        pool_queue,
         metrics.clone(),
     ) {
         Ok(pool) => Some(pool),
@@ -629,6 +633,8 @@ impl KernelNotifier for FuseNotifier {
                 std::ffi::OsStr::from_bytes(name),
             ),
             Invalidation::Inode { ino } => self.0.inval_inode(fuser::INodeNo(ino.0), 0, 0),
+            // A negative offset: attributes only, no pages.
+            Invalidation::Attributes { ino } => self.0.inval_inode(fuser::INodeNo(ino.0), -1, 0),
         }
     }
 }

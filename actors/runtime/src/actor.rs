@@ -28,6 +28,7 @@ use crate::content::{BatchStore, ContentCache};
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
+use crate::notify::{ChangedDirs, Invalidation};
 use crate::pinning::{ActorPlacement, Pinning};
 use crate::space::{Reserve, SpaceGuard};
 
@@ -73,6 +74,9 @@ pub struct ActorConfig {
     /// Whether the database is closed after a storage failure (see `health`); shared with
     /// the binary for `/readyz` and `spoolfs status`.
     pub health: Arc<StorageHealth>,
+    /// The notify pool's queue, for the directories each batch changes (see `ChangedDirs`);
+    /// `None` when there is no kernel to tell.
+    pub invalidations: Option<flume::Sender<Invalidation>>,
 }
 
 impl ActorConfig {
@@ -95,6 +99,7 @@ impl ActorConfig {
             reserve: Reserve::Default,
             commit_timeout: DEFAULT_COMMIT_TIMEOUT,
             health: Arc::default(),
+            invalidations: None,
         }
     }
 }
@@ -263,6 +268,8 @@ pub struct Actor {
     pinning: Option<Pinning>,
     /// Reads callers' `/proc` entries off this thread (see `callers`).
     probe: callers::Probe,
+    /// Directories the current batch changed, for the kernel's attribute cache.
+    changed_dirs: ChangedDirs,
 }
 
 fn now() -> Timestamp {
@@ -362,6 +369,7 @@ impl Actor {
         let placement = config.placement.clone();
         let (probe, answers) =
             callers::Probe::start(callers::Reader::PROC).map_err(StartError::Thread)?;
+        let changed_dirs = ChangedDirs::new(config.invalidations.clone());
         let mut actor = Actor {
             space,
             faults,
@@ -384,6 +392,7 @@ impl Actor {
             callers_checked: Instant::now(),
             pinning: Pinning::new(config_cpu, cpu_movable, placement, probe.clone()),
             probe,
+            changed_dirs,
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -818,6 +827,9 @@ impl Actor {
             } else {
                 self.apply_one(&m, stats, space)
             };
+            if result.is_ok() {
+                self.changed_dirs.note(&m.op);
+            }
             self.requests += 1;
             log_request(&m, name, &result, started);
             replies.push((m.reply, result, needs_durable, m.caller.pid, m.later));
@@ -829,6 +841,8 @@ impl Actor {
             self.undurable_since.get_or_insert_with(Instant::now);
         }
         self.metrics.batch_size.observe(replies.len() as f64);
+        // Queued before the replies: the pool has usually sent them when a caller looks.
+        self.changed_dirs.send();
         let now = Instant::now();
         for (reply, result, needs_durable, pid, later) in replies {
             if !needs_durable || result.is_err() {

@@ -256,6 +256,27 @@ impl Op {
         )
     }
 
+    /// The directories whose attributes (link count, mtime, ctime) this namespace change
+    /// alters without the kernel learning their new values: its reply carries the new
+    /// entry's attributes, not theirs. The kernel only marks its cached copy stale, which
+    /// does not stop an answer to an older GETATTR or LOOKUP that is still on its way from
+    /// being cached over it for the whole TTL (see `Actor::invalidate_changed_dirs`).
+    pub fn changed_dirs(&self) -> [Option<Ino>; 2] {
+        match self {
+            Op::MkNod { parent, .. }
+            | Op::MkDir { parent, .. }
+            | Op::Unlink { parent, .. }
+            | Op::RmDir { parent, .. }
+            | Op::Symlink { parent, .. }
+            | Op::Create { parent, .. } => [Some(*parent), None],
+            Op::Link { new_parent, .. } => [Some(*new_parent), None],
+            Op::Rename {
+                parent, new_parent, ..
+            } => [Some(*parent), (new_parent != parent).then_some(*new_parent)],
+            _ => [None, None],
+        }
+    }
+
     /// Operations whose reply promises durability of everything before them.
     pub fn is_barrier(&self) -> bool {
         matches!(

@@ -25,6 +25,9 @@ pub enum Invalidation {
     },
     /// Drop cached attributes and pages of `ino`.
     Inode { ino: Ino },
+    /// Drop the cached attributes of `ino`, and with them any answer still on its way that
+    /// was read before this (the kernel versions attributes: see `ChangedDirs`).
+    Attributes { ino: Ino },
 }
 
 /// What the adapter provides to send notifications (the runtime does not name fuser).
@@ -32,18 +35,24 @@ pub trait KernelNotifier: Send + Sync + 'static {
     fn notify(&self, inv: &Invalidation) -> std::io::Result<()>;
 }
 
-pub struct NotifyPool {
-    tx: flume::Sender<Invalidation>,
-}
+/// The notify pool's threads. Its queue is made first (`channel`), so that the actor can hold
+/// the sender before the mount exists; the threads start once the session can notify.
+pub struct NotifyPool;
 
 impl NotifyPool {
+    /// The pool's queue: bounded, so that a stalled kernel cannot grow it without limit.
+    pub fn channel(
+        capacity: usize,
+    ) -> (flume::Sender<Invalidation>, flume::Receiver<Invalidation>) {
+        flume::bounded(capacity)
+    }
+
     pub fn start(
         notifier: Arc<dyn KernelNotifier>,
         threads: usize,
-        capacity: usize,
+        rx: flume::Receiver<Invalidation>,
         metrics: Arc<Metrics>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = flume::bounded::<Invalidation>(capacity);
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let notifier = notifier.clone();
@@ -67,23 +76,66 @@ impl NotifyPool {
                     }
                 })?;
         }
-        Ok(NotifyPool { tx })
+        Ok(NotifyPool)
+    }
+}
+
+/// The directories a batch changed, whose cached attributes the kernel must drop.
+///
+/// The kernel marks a directory's cached attributes stale when its own mkdir, unlink or
+/// rename there returns, but an answer to a GETATTR or LOOKUP of that directory that the
+/// actor sent *before* the change, and that the asking thread has not yet taken in, is still
+/// cached when it is: with it the old link count and mtime, for the whole attribute TTL (a
+/// day). Seen in the racing-renames test, a directory with one subdirectory and a link count
+/// of 2; a mail reader that watches a directory's mtime for new mail would miss it. The
+/// kernel guards against exactly this with a version per inode, which its mkdir does not
+/// bump for the parent and `notify_inval_inode` does: sent once the change is applied, an
+/// older answer that arrives later is thrown away, and one that came earlier is dropped by it.
+/// One invalidation per directory per batch, queued before the batch's replies.
+pub struct ChangedDirs {
+    tx: Option<flume::Sender<Invalidation>>,
+    dirs: Vec<Ino>,
+    /// Whether a full queue has been reported (once: it means the pool cannot keep up).
+    warned: bool,
+}
+
+impl ChangedDirs {
+    /// `None`: no kernel to tell (tests of the actor alone).
+    pub fn new(tx: Option<flume::Sender<Invalidation>>) -> Self {
+        ChangedDirs {
+            tx,
+            dirs: Vec::new(),
+            warned: false,
+        }
     }
 
-    /// Queue an invalidation without blocking. When the queue is full the caller learns it
-    /// (and should fall back to short cache lifetimes); nothing waits on the kernel here.
-    pub fn send(&self, inv: Invalidation) -> bool {
-        self.tx.try_send(inv).is_ok()
+    /// Note the directories a successful operation changed.
+    pub fn note(&mut self, op: &crate::msg::Op) {
+        if self.tx.is_some() {
+            self.dirs.extend(op.changed_dirs().into_iter().flatten());
+        }
     }
 
-    /// A cloneable sender for whoever produces invalidations (on a single node nothing
-    /// changes behind the kernel's back; replication will apply remote changes through it).
-    pub fn sender(&self) -> flume::Sender<Invalidation> {
-        self.tx.clone()
-    }
-
-    pub fn queue_depth(&self) -> usize {
-        self.tx.len()
+    /// Queue one invalidation per noted directory, without ever waiting for the pool.
+    pub fn send(&mut self) {
+        let Some(tx) = &self.tx else { return };
+        self.dirs.sort_unstable();
+        self.dirs.dedup();
+        for ino in self.dirs.drain(..) {
+            match tx.try_send(Invalidation::Attributes { ino }) {
+                Ok(()) => {}
+                Err(flume::TrySendError::Full(_)) if !self.warned => {
+                    self.warned = true;
+                    warn!(
+                        "the notify queue is full: a directory's link count or mtime may \
+                         show an old value until it next changes (the kernel is slow to \
+                         take invalidations)"
+                    );
+                }
+                // Full again (reported once), or the pool is gone (no mount left to tell).
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -107,7 +159,8 @@ mod tests {
         let (tx, rx) = flume::unbounded();
         let mut registry = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(Metrics::new(&mut registry));
-        let pool = NotifyPool::start(Arc::new(Recorder(tx)), 1, 16, metrics.clone())?;
+        let (queue, rx_pool) = NotifyPool::channel(16);
+        NotifyPool::start(Arc::new(Recorder(tx)), 1, rx_pool, metrics.clone())?;
         let sent = vec![
             Invalidation::Inode { ino: Ino(5) },
             Invalidation::Entry {
@@ -121,7 +174,7 @@ mod tests {
             },
         ];
         for inv in &sent {
-            assert!(pool.send(inv.clone()));
+            queue.try_send(inv.clone())?;
         }
         let me = std::thread::current().id();
         for want in sent {
@@ -130,5 +183,44 @@ mod tests {
             assert_ne!(thread, me, "sent from the caller's thread");
         }
         Ok(())
+    }
+
+    fn mkdir(parent: u64) -> crate::msg::Op {
+        crate::msg::Op::MkDir {
+            parent: Ino(parent),
+            name: b"d".to_vec(),
+            mode: 0o755,
+        }
+    }
+
+    #[test]
+    fn each_changed_directory_is_invalidated_once_per_batch_and_a_full_queue_never_waits() {
+        let (tx, rx) = flume::bounded(2);
+        let mut dirs = ChangedDirs::new(Some(tx));
+        dirs.note(&mkdir(1));
+        dirs.note(&crate::msg::Op::Rename {
+            parent: Ino(1),
+            name: b"a".to_vec(),
+            new_parent: Ino(7),
+            new_name: b"b".to_vec(),
+            flags: Default::default(),
+        });
+        dirs.note(&crate::msg::Op::GetAttr { ino: Ino(9) });
+        dirs.send();
+        let sent: Vec<Invalidation> = rx.try_iter().collect();
+        assert_eq!(
+            sent,
+            [
+                Invalidation::Attributes { ino: Ino(1) },
+                Invalidation::Attributes { ino: Ino(7) }
+            ]
+        );
+        // A full queue: the batch goes on (the directories stay stale, and it is logged).
+        for parent in 10..20 {
+            dirs.note(&mkdir(parent));
+        }
+        dirs.send();
+        assert_eq!(rx.len(), 2);
+        assert!(dirs.dirs.is_empty());
     }
 }
