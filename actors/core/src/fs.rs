@@ -130,21 +130,14 @@ impl Fs {
         if let Some(root) = s.inode(Ino::ROOT)? {
             return Ok(root);
         }
-        let root = Inode {
-            ino: Ino::ROOT,
-            kind: Kind::Dir,
-            perm: perm & PERM_MASK,
-            nlink: 2,
-            uid: ctx.uid,
-            gid: ctx.gid,
-            size: 0,
-            rdev: 0,
-            atime: ctx.now,
-            mtime: ctx.now,
-            ctime: ctx.now,
-            crtime: ctx.now,
-            parent: Ino::ROOT,
-        };
+        let root = Inode::new(
+            Ino::ROOT,
+            Kind::Dir,
+            perm & PERM_MASK,
+            (ctx.uid, ctx.gid),
+            ctx.now,
+            Ino::ROOT,
+        );
         s.put_inode(&root)?;
         Ok(root)
     }
@@ -386,19 +379,8 @@ impl Fs {
             ctx.gid
         };
         let inode = Inode {
-            ino: new_ino,
-            kind,
-            perm,
-            nlink: if kind == Kind::Dir { 2 } else { 1 },
-            uid: ctx.uid,
-            gid,
-            size: 0,
             rdev,
-            atime: ctx.now,
-            mtime: ctx.now,
-            ctime: ctx.now,
-            crtime: ctx.now,
-            parent,
+            ..Inode::new(new_ino, kind, perm, (ctx.uid, gid), ctx.now, parent)
         };
         s.put_inode(&inode)?;
         s.put_dentry(parent, name, Dentry { ino: new_ino, kind })?;

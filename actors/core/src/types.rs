@@ -185,6 +185,35 @@ pub struct Inode {
     pub parent: Ino,
 }
 
+impl Inode {
+    /// A new inode of `kind` made at `now`: empty, with the link count of a new node (a
+    /// directory counts its `.` and its entry in `parent`).
+    pub fn new(
+        ino: Ino,
+        kind: Kind,
+        perm: u32,
+        (uid, gid): (u32, u32),
+        now: Timestamp,
+        parent: Ino,
+    ) -> Inode {
+        Inode {
+            ino,
+            kind,
+            perm,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            uid,
+            gid,
+            size: 0,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            parent,
+        }
+    }
+}
+
 /// What a directory entry stores: enough for readdir without reading the inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dentry {

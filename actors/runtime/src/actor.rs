@@ -25,10 +25,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use crate::callers;
 use crate::committer::Committer;
 use crate::content::{BatchStore, ContentCache};
+use crate::dir_attrs::DirAttrs;
 use crate::health::{Faults, StorageHealth};
 use crate::metrics::{self, Metrics};
 use crate::msg::*;
-use crate::notify::{ChangedDirs, Invalidation};
+use crate::notify::Invalidation;
 use crate::pinning::{ActorPlacement, Pinning};
 use crate::space::{Reserve, SpaceGuard};
 
@@ -74,7 +75,7 @@ pub struct ActorConfig {
     /// Whether the database is closed after a storage failure (see `health`); shared with
     /// the binary for `/readyz` and `spoolfs status`.
     pub health: Arc<StorageHealth>,
-    /// The notify pool's queue, for the directories each batch changes (see `ChangedDirs`);
+    /// The notify pool's queue, for the directories each batch changes (see `dir_attrs`);
     /// `None` when there is no kernel to tell.
     pub invalidations: Option<flume::Sender<Invalidation>>,
 }
@@ -268,8 +269,8 @@ pub struct Actor {
     pinning: Option<Pinning>,
     /// Reads callers' `/proc` entries off this thread (see `callers`).
     probe: callers::Probe,
-    /// Directories the current batch changed, for the kernel's attribute cache.
-    changed_dirs: ChangedDirs,
+    /// Directories whose cached attributes the kernel must drop after a change.
+    dir_attrs: DirAttrs,
 }
 
 fn now() -> Timestamp {
@@ -369,7 +370,7 @@ impl Actor {
         let placement = config.placement.clone();
         let (probe, answers) =
             callers::Probe::start(callers::Reader::PROC).map_err(StartError::Thread)?;
-        let changed_dirs = ChangedDirs::new(config.invalidations.clone());
+        let dir_attrs = DirAttrs::new(config.invalidations.clone());
         let mut actor = Actor {
             space,
             faults,
@@ -392,7 +393,7 @@ impl Actor {
             callers_checked: Instant::now(),
             pinning: Pinning::new(config_cpu, cpu_movable, placement, probe.clone()),
             probe,
-            changed_dirs,
+            dir_attrs,
         };
         let join = std::thread::Builder::new()
             .name("spoolfs-actor".into())
@@ -817,6 +818,7 @@ impl Actor {
                 || (self.config.sync && !is_read_only(&m.op))
                 || (self.config.dirsync && m.op.is_namespace());
             let name = m.op.name();
+            self.dir_attrs.request(m.caller.pid, &m.op);
             let result = if refuse_growth && adds_data(&m.op) {
                 // The disk is not keeping up (see `over_limit`): refuse new data.
                 Err(Errno::EIO)
@@ -827,9 +829,7 @@ impl Actor {
             } else {
                 self.apply_one(&m, stats, space)
             };
-            if result.is_ok() {
-                self.changed_dirs.note(&m.op);
-            }
+            self.dir_attrs.applied(m.caller.pid, &m.op, &result);
             self.requests += 1;
             log_request(&m, name, &result, started);
             replies.push((m.reply, result, needs_durable, m.caller.pid, m.later));
@@ -842,7 +842,7 @@ impl Actor {
         }
         self.metrics.batch_size.observe(replies.len() as f64);
         // Queued before the replies: the pool has usually sent them when a caller looks.
-        self.changed_dirs.send();
+        self.dir_attrs.send();
         let now = Instant::now();
         for (reply, result, needs_durable, pid, later) in replies {
             if !needs_durable || result.is_err() {

@@ -635,19 +635,8 @@ mod tests {
 
     fn file(ino: Ino, size: u64) -> Inode {
         Inode {
-            ino,
-            kind: Kind::File,
-            perm: 0o644,
-            nlink: 1,
-            uid: 0,
-            gid: 0,
             size,
-            rdev: 0,
-            atime: Timestamp::default(),
-            mtime: Timestamp::default(),
-            ctime: Timestamp::default(),
-            crtime: Timestamp::default(),
-            parent: Ino(1),
+            ..Inode::new(ino, Kind::File, 0o644, (0, 0), Timestamp::default(), Ino(1))
         }
     }
 

@@ -5,6 +5,7 @@ pub mod actor;
 mod callers;
 mod committer;
 pub mod content;
+mod dir_attrs;
 pub mod health;
 pub mod msg;
 pub mod notify;

@@ -260,7 +260,7 @@ impl Op {
     /// alters without the kernel learning their new values: its reply carries the new
     /// entry's attributes, not theirs. The kernel only marks its cached copy stale, which
     /// does not stop an answer to an older GETATTR or LOOKUP that is still on its way from
-    /// being cached over it for the whole TTL (see `Actor::invalidate_changed_dirs`).
+    /// being cached over it for the whole TTL (see `dir_attrs`).
     pub fn changed_dirs(&self) -> [Option<Ino>; 2] {
         match self {
             Op::MkNod { parent, .. }

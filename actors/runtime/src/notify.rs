@@ -26,7 +26,7 @@ pub enum Invalidation {
     /// Drop cached attributes and pages of `ino`.
     Inode { ino: Ino },
     /// Drop the cached attributes of `ino`, and with them any answer still on its way that
-    /// was read before this (the kernel versions attributes: see `ChangedDirs`).
+    /// was read before this (the kernel versions attributes: see `dir_attrs`).
     Attributes { ino: Ino },
 }
 
@@ -80,65 +80,6 @@ impl NotifyPool {
     }
 }
 
-/// The directories a batch changed, whose cached attributes the kernel must drop.
-///
-/// The kernel marks a directory's cached attributes stale when its own mkdir, unlink or
-/// rename there returns, but an answer to a GETATTR or LOOKUP of that directory that the
-/// actor sent *before* the change, and that the asking thread has not yet taken in, is still
-/// cached when it is: with it the old link count and mtime, for the whole attribute TTL (a
-/// day). Seen in the racing-renames test, a directory with one subdirectory and a link count
-/// of 2; a mail reader that watches a directory's mtime for new mail would miss it. The
-/// kernel guards against exactly this with a version per inode, which its mkdir does not
-/// bump for the parent and `notify_inval_inode` does: sent once the change is applied, an
-/// older answer that arrives later is thrown away, and one that came earlier is dropped by it.
-/// One invalidation per directory per batch, queued before the batch's replies.
-pub struct ChangedDirs {
-    tx: Option<flume::Sender<Invalidation>>,
-    dirs: Vec<Ino>,
-    /// Whether a full queue has been reported (once: it means the pool cannot keep up).
-    warned: bool,
-}
-
-impl ChangedDirs {
-    /// `None`: no kernel to tell (tests of the actor alone).
-    pub fn new(tx: Option<flume::Sender<Invalidation>>) -> Self {
-        ChangedDirs {
-            tx,
-            dirs: Vec::new(),
-            warned: false,
-        }
-    }
-
-    /// Note the directories a successful operation changed.
-    pub fn note(&mut self, op: &crate::msg::Op) {
-        if self.tx.is_some() {
-            self.dirs.extend(op.changed_dirs().into_iter().flatten());
-        }
-    }
-
-    /// Queue one invalidation per noted directory, without ever waiting for the pool.
-    pub fn send(&mut self) {
-        let Some(tx) = &self.tx else { return };
-        self.dirs.sort_unstable();
-        self.dirs.dedup();
-        for ino in self.dirs.drain(..) {
-            match tx.try_send(Invalidation::Attributes { ino }) {
-                Ok(()) => {}
-                Err(flume::TrySendError::Full(_)) if !self.warned => {
-                    self.warned = true;
-                    warn!(
-                        "the notify queue is full: a directory's link count or mtime may \
-                         show an old value until it next changes (the kernel is slow to \
-                         take invalidations)"
-                    );
-                }
-                // Full again (reported once), or the pool is gone (no mount left to tell).
-                Err(_) => {}
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,44 +124,5 @@ mod tests {
             assert_ne!(thread, me, "sent from the caller's thread");
         }
         Ok(())
-    }
-
-    fn mkdir(parent: u64) -> crate::msg::Op {
-        crate::msg::Op::MkDir {
-            parent: Ino(parent),
-            name: b"d".to_vec(),
-            mode: 0o755,
-        }
-    }
-
-    #[test]
-    fn each_changed_directory_is_invalidated_once_per_batch_and_a_full_queue_never_waits() {
-        let (tx, rx) = flume::bounded(2);
-        let mut dirs = ChangedDirs::new(Some(tx));
-        dirs.note(&mkdir(1));
-        dirs.note(&crate::msg::Op::Rename {
-            parent: Ino(1),
-            name: b"a".to_vec(),
-            new_parent: Ino(7),
-            new_name: b"b".to_vec(),
-            flags: Default::default(),
-        });
-        dirs.note(&crate::msg::Op::GetAttr { ino: Ino(9) });
-        dirs.send();
-        let sent: Vec<Invalidation> = rx.try_iter().collect();
-        assert_eq!(
-            sent,
-            [
-                Invalidation::Attributes { ino: Ino(1) },
-                Invalidation::Attributes { ino: Ino(7) }
-            ]
-        );
-        // A full queue: the batch goes on (the directories stay stale, and it is logged).
-        for parent in 10..20 {
-            dirs.note(&mkdir(parent));
-        }
-        dirs.send();
-        assert_eq!(rx.len(), 2);
-        assert!(dirs.dirs.is_empty());
     }
 }

@@ -585,19 +585,8 @@ mod tests {
         d.set_record(
             Key::Inode(7),
             Some(Value::Inode(Inode {
-                ino: Ino(7),
-                kind: Kind::File,
-                perm: 0o644,
-                nlink: 1,
-                uid: 1,
-                gid: 2,
                 size: 3,
-                rdev: 0,
-                atime: t,
-                mtime: t,
-                ctime: t,
-                crtime: t,
-                parent: Ino(1),
+                ..Inode::new(Ino(7), Kind::File, 0o644, (1, 2), t, Ino(1))
             })),
         );
         d.set_record(

@@ -39,19 +39,8 @@ impl Rng {
 fn inode(ino: u64, size: u64) -> Inode {
     let t = Timestamp::new(1_700_000_000 + ino as i64, 7);
     Inode {
-        ino: Ino(ino),
-        kind: Kind::File,
-        perm: 0o640,
-        nlink: 1,
-        uid: 1000,
-        gid: 1000,
         size,
-        rdev: 0,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        crtime: t,
-        parent: Ino(1),
+        ..Inode::new(Ino(ino), Kind::File, 0o640, (1000, 1000), t, Ino(1))
     }
 }
 
