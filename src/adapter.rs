@@ -24,11 +24,12 @@ use tracing::warn;
 /// How long the kernel may cache entries and attributes: a day, as libfuse's passthrough_hp
 /// does by default. On a single node every change reaches the filesystem through this kernel,
 /// which updates or drops its own cached entries and attributes for the inodes and
-/// directories an operation touches (unlink, rename, link, setattr, write), so cached state
-/// cannot go stale; pjdfstest's ctime/nlink checks and fsx pass with this value, and `stat`
-/// of a known file costs no request. (atime is not updated by reads, so it cannot go stale
-/// either.) Changes applied from elsewhere (replication) must invalidate through the notify
-/// pool.
+/// directories an operation touches (unlink, rename, link, setattr, write); the one race it
+/// leaves (an older answer about a directory cached over its change) the actor closes with
+/// an invalidation (see the runtime's `dir_attrs`). pjdfstest's ctime/nlink checks and fsx
+/// pass with this value, and `stat` of a known file costs no request. (atime is not updated
+/// by reads, so it cannot go stale either.) Changes applied from elsewhere (replication) must
+/// invalidate through the notify pool.
 const TTL: Duration = Duration::from_secs(86_400);
 
 /// Keep the kernel's page cache of a file across opens. As with the TTL above: on a single
