@@ -220,18 +220,14 @@ fn run(
     info!(data_dir = %data_dir.display(), mountpoint = %mnt.display(), pid = std::process::id(), "mounted");
     // Kernel invalidations are sent from their own threads, never from the actor or a FUSE
     // thread (a notify call from the request path can deadlock the kernel).
-    let _notify_pool = match NotifyPool::start(
+    if let Err(e) = NotifyPool::start(
         Arc::new(FuseNotifier(session.notifier())),
         1,
         pool_queue,
         metrics.clone(),
     ) {
-        Ok(pool) => Some(pool),
-        Err(e) => {
-            warn!(error = %e, "cannot start the notify pool; kernel caches are never invalidated");
-            None
-        }
-    };
+        warn!(error = %e, "cannot start the notify pool; kernel caches are never invalidated");
+    }
     readiness.mounted.store(true, Ordering::Relaxed);
     metrics.mounted.set(1);
     registry.register_collector(Box::new(ScrapeCollector {

@@ -68,7 +68,8 @@ impl DirAttrs {
         self.seq += 1;
         // Thread 0: the caller is outside the mount's pid namespace; its requests tell
         // nothing about which thread took what in.
-        if tid != 0 && is_synchronous(op) {
+        // A request the thread may have sent in the background proves nothing either.
+        if tid != 0 && !op.may_be_sent_in_background() {
             self.last_request.insert(tid, self.seq);
             if self.last_request.len() > MAX_TRACKED {
                 self.start_afresh();
@@ -151,20 +152,6 @@ impl DirAttrs {
         }
         self.last_request.clear();
     }
-}
-
-/// Requests a thread waits for, so that its next one comes after it took the answer in.
-/// Reads, writes and releases may be sent in the background (readahead, writeback, a close
-/// that does not wait), after the thread has moved on; forgets are batched by the kernel.
-fn is_synchronous(op: &Op) -> bool {
-    !matches!(
-        op,
-        Op::Read { .. }
-            | Op::Write { .. }
-            | Op::Release { .. }
-            | Op::ReleaseDir { .. }
-            | Op::Forget { .. }
-    )
 }
 
 #[cfg(test)]

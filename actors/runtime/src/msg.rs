@@ -293,6 +293,13 @@ impl Op {
             Op::Forget { .. } | Op::Release { .. } | Op::ReleaseDir { .. }
         )
     }
+
+    /// Requests the kernel may send after the thread that caused them has moved on
+    /// (readahead, writeback, a close that does not wait, batched forgets). Every other
+    /// request is sent by a thread that waits for its answer and takes it in before its next.
+    pub fn may_be_sent_in_background(&self) -> bool {
+        self.releases() || matches!(self, Op::Read { .. } | Op::Write { .. })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -36,7 +36,8 @@ pub trait KernelNotifier: Send + Sync + 'static {
 }
 
 /// The notify pool's threads. Its queue is made first (`channel`), so that the actor can hold
-/// the sender before the mount exists; the threads start once the session can notify.
+/// the sender before the mount exists; the threads start once the session can notify, and
+/// end when every sender is gone.
 pub struct NotifyPool;
 
 impl NotifyPool {
@@ -52,7 +53,7 @@ impl NotifyPool {
         threads: usize,
         rx: flume::Receiver<Invalidation>,
         metrics: Arc<Metrics>,
-    ) -> std::io::Result<Self> {
+    ) -> std::io::Result<()> {
         for i in 0..threads.max(1) {
             let rx = rx.clone();
             let notifier = notifier.clone();
@@ -76,7 +77,7 @@ impl NotifyPool {
                     }
                 })?;
         }
-        Ok(NotifyPool)
+        Ok(())
     }
 }
 
