@@ -22,6 +22,7 @@ pub mod pending;
 pub mod space;
 mod tables;
 pub mod wal;
+mod writeback;
 
 pub use pending::{commit_delta, CommitFailure, Delta, Pending, SharedBytes, Snapshot};
 pub use tables::{count_inodes, open_database, read_meta, OpenError, Tables};

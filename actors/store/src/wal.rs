@@ -8,7 +8,8 @@
 //! commit makes redb hold everything, records the next entry number in the `meta` table
 //! (`wal_seq`) and the log starts over at offset 0. Deltas too big to be worth writing twice
 //! (bulk content) skip the log: they are committed to redb with `Immediate` directly, which
-//! is also a checkpoint.
+//! is also a checkpoint. Meanwhile `writeback` starts the disk on their pages, so
+//! that it writes while redb copies instead of after.
 //!
 //! Recovery (mount, `spoolfs fsck`, reopening after an I/O error) replays, in order, the
 //! entries from offset 0 that are intact and numbered `wal_seq`, `wal_seq + 1`, ...; the first
@@ -101,6 +102,9 @@ pub struct Wal {
     limits: WalLimits,
     /// The schema version the database had, if opening it upgraded it.
     upgraded_from: Option<u64>,
+    /// Starts writing a bulk commit's pages while redb still copies them (None if the
+    /// database file could not be opened a second time: commits are then only slower).
+    writeback: Option<crate::writeback::Writeback>,
 }
 
 fn fail(context: &str, e: impl std::fmt::Display, no_space: bool) -> CommitFailure {
@@ -208,6 +212,9 @@ impl Wal {
                 buf: Vec::new(),
                 limits,
                 upgraded_from,
+                writeback: File::open(data_dir.join(crate::DB_FILE))
+                    .and_then(crate::writeback::Writeback::start)
+                    .ok(),
             },
             replayed,
         ))
@@ -234,7 +241,14 @@ impl Wal {
         on_durable: impl FnOnce(),
     ) -> Result<(), CommitFailure> {
         if delta.bytes() > self.limits.direct_bytes {
-            self.checkpoint(db, Some(delta))?;
+            // Taken out for the commit, which borrows the log mutably.
+            let writeback = self.writeback.take();
+            let done = match &writeback {
+                Some(w) => w.during(|| self.checkpoint(db, Some(delta))),
+                None => self.checkpoint(db, Some(delta)),
+            };
+            self.writeback = writeback;
+            done?;
             on_durable();
             return Ok(());
         }
