@@ -788,11 +788,7 @@ impl Actor {
             return;
         };
         let all_durable = self.state.current().is_empty() && self.in_flight.is_none();
-        let unwritten = self
-            .state
-            .current()
-            .bytes()
-            .saturating_add(self.state.sealed().map_or(0, |d| d.bytes()));
+        let unwritten = self.state.unwritten_bytes();
         self.space.begin_batch(
             &db,
             self.cache.dirty_chunks() * spoolfs_core::CHUNK_SIZE,

@@ -1,12 +1,14 @@
 //! Changes held in memory in front of redb, so the actor never waits for a commit.
 //!
 //! The actor applies every operation to `Pending::cur`, an ordered map of changed records
-//! (`Delta`). Reads look in `cur`, then in the delta being committed (`sealed`), then in a
-//! redb read snapshot taken after the last commit returned. A commit task makes one sealed
-//! delta at a time durable (`CommitJob::run`: through the write-ahead log, `wal`, or straight
-//! into redb with `Durability::Immediate`), so the fsync runs beside the actor instead of
-//! holding redb's single write lock while requests wait; everything that arrives meanwhile
-//! goes into the next delta (group commit as a pipeline stage).
+//! (`Delta`). Reads look in `cur`, then in the delta being committed (`sealed`), then in the
+//! committed changes the log holds but redb does not yet (`logged`: the log writes them into
+//! redb every few commits, see `wal`), then in a redb read snapshot taken after redb last
+//! changed. A commit task makes one sealed delta at a time durable (`CommitJob::run`:
+//! through the write-ahead log, `wal`, or straight into redb with `Durability::Immediate`),
+//! so the fsync runs beside the actor instead of holding redb's single write lock while
+//! requests wait; everything that arrives meanwhile goes into the next delta (group commit as
+//! a pipeline stage).
 //!
 //! Every commit is durable before it counts: the log plus redb then always hold exactly the
 //! snapshot's state, so after an I/O error (redb refuses further work until reopened) the
@@ -224,6 +226,22 @@ impl Delta {
             self.set(key, value);
         }
     }
+
+    /// `absorb` of a delta someone else still holds.
+    pub(crate) fn absorb_copy(&mut self, newer: &Delta) {
+        for (key, value) in &newer.map {
+            self.set(key.clone(), value.clone());
+        }
+    }
+
+    /// The delta out of its `Arc`, copied only if it is still shared.
+    fn unshared(delta: Arc<Delta>) -> Delta {
+        Arc::try_unwrap(delta).unwrap_or_else(|shared| Delta {
+            map: shared.map.clone(),
+            bytes: shared.bytes,
+            undo: None,
+        })
+    }
 }
 
 /// Every table, opened in one read transaction: the state of the last commit.
@@ -344,6 +362,9 @@ pub struct Pending {
     snap: Option<Snapshot>,
     cur: Delta,
     sealed: Option<Arc<Delta>>,
+    /// Committed (durable in the log) but not yet in redb: the same changes as the log's
+    /// `Wal::has_unapplied`, under `sealed`.
+    logged: Delta,
     /// The write-ahead log; `None` while a commit holds it, or if the runtime commits to redb
     /// directly.
     wal: Option<Wal>,
@@ -394,6 +415,7 @@ impl Pending {
             snap: Some(snap),
             cur: Delta::default(),
             sealed: None,
+            logged: Delta::default(),
             wal,
         })
     }
@@ -423,6 +445,14 @@ impl Pending {
         &mut self.cur
     }
 
+    /// Bytes of changes not yet in the database file: current, being committed, and logged.
+    pub fn unwritten_bytes(&self) -> usize {
+        self.cur
+            .bytes()
+            .saturating_add(self.sealed.as_ref().map_or(0, |d| d.bytes()))
+            .saturating_add(self.logged.bytes())
+    }
+
     /// A delta is being committed.
     pub fn sealed(&self) -> Option<&Arc<Delta>> {
         self.sealed.as_ref()
@@ -444,10 +474,19 @@ impl Pending {
         })
     }
 
-    /// The sealed delta is durable and in the database: read it from a new snapshot.
+    /// The sealed delta is durable. If the log has written everything into redb, read it
+    /// from a new snapshot; otherwise it joins the logged changes over the old one (redb has
+    /// not changed since it was taken).
     pub fn committed(&mut self, wal: Option<Wal>) -> StoreResult<()> {
         self.wal = self.wal.take().or(wal);
-        self.sealed = None;
+        let sealed = self.sealed.take();
+        if self.wal.as_ref().is_some_and(Wal::has_unapplied) {
+            if let Some(sealed) = sealed {
+                self.logged.absorb(Delta::unshared(sealed));
+            }
+            return Ok(());
+        }
+        self.logged = Delta::default();
         self.snap = None;
         let db = self
             .db
@@ -472,14 +511,11 @@ impl Pending {
     /// is reopened (and replayed) with the database.
     pub fn commit_failed(&mut self) {
         if let Some(sealed) = self.sealed.take() {
-            let sealed = Arc::try_unwrap(sealed).unwrap_or_else(|shared| Delta {
-                map: shared.map.clone(),
-                bytes: shared.bytes,
-                undo: None,
-            });
-            let newer = std::mem::replace(&mut self.cur, sealed);
+            let newer = std::mem::replace(&mut self.cur, Delta::unshared(sealed));
             self.cur.absorb(newer);
         }
+        // The log holds them: reopening replays them into redb.
+        self.logged = Delta::default();
         self.snap = None;
         self.db = None;
         self.wal = None;
@@ -489,6 +525,7 @@ impl Pending {
     /// commit was durable (in the log or in redb), so it then holds exactly the state the
     /// closed snapshot showed; nothing the actor answered is lost.
     pub fn reopen(&mut self, data_dir: &Path) -> StoreResult<()> {
+        self.logged = Delta::default();
         self.snap = None;
         self.db = None;
         self.wal = None;
@@ -536,7 +573,7 @@ impl Pending {
         for r in snap.orphans.iter().map_err(e)? {
             out.insert(Key::Orphan(r.map_err(e)?.0.value()), Value::Unit);
         }
-        for layer in [self.sealed.as_deref(), Some(&self.cur)]
+        for layer in [Some(&self.logged), self.sealed.as_deref(), Some(&self.cur)]
             .into_iter()
             .flatten()
         {
@@ -557,6 +594,9 @@ impl Pending {
         if let Some(v) = self.sealed.as_ref().and_then(|s| s.map.get(key)) {
             return Ok(v.clone());
         }
+        if let Some(v) = self.logged.map.get(key) {
+            return Ok(v.clone());
+        }
         self.snap()?.get(key)
     }
 
@@ -566,6 +606,9 @@ impl Pending {
             return Some(f(v.as_ref()));
         }
         if let Some(v) = self.sealed.as_ref().and_then(|s| s.map.get(key)) {
+            return Some(f(v.as_ref()));
+        }
+        if let Some(v) = self.logged.map.get(key) {
             return Some(f(v.as_ref()));
         }
         None
@@ -580,7 +623,7 @@ impl Pending {
         value: impl Fn(&Value) -> Option<V>,
     ) -> BTreeMap<K, Option<V>> {
         let mut out = BTreeMap::new();
-        for layer in [self.sealed.as_deref(), Some(&self.cur)]
+        for layer in [Some(&self.logged), self.sealed.as_deref(), Some(&self.cur)]
             .into_iter()
             .flatten()
         {
@@ -679,14 +722,14 @@ pub(crate) fn is_no_space(e: &redb::StorageError) -> bool {
 /// Write one delta into the database and make it durable (runs on a blocking task; the
 /// runtime normally goes through the write-ahead log instead, `wal::Wal::commit`).
 pub fn commit_delta(db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
-    write_delta(db, delta, Durability::Immediate, None)
+    write_deltas(db, &[delta], Durability::Immediate, None)
 }
 
-/// Write `delta` in one transaction with `durability`; `round` also records the write-ahead
-/// log's next entry number and salt (`meta.wal_seq`, `meta.wal_salt`).
-pub(crate) fn write_delta(
+/// Write `deltas`, oldest first, in one transaction with `durability`; `round` also records
+/// the write-ahead log's next entry number and salt (`meta.wal_seq`, `meta.wal_salt`).
+pub(crate) fn write_deltas(
     db: &Database,
-    delta: &Delta,
+    deltas: &[&Delta],
     durability: Durability,
     round: Option<(u64, u64)>,
 ) -> Result<(), CommitFailure> {
@@ -701,7 +744,7 @@ pub(crate) fn write_delta(
         .map_err(|e| fail("set durability", &e, false))?;
     {
         let mut t = Tables::open(&txn).map_err(|e| fail("open tables", &e, false))?;
-        for (key, value) in &delta.map {
+        for (key, value) in deltas.iter().flat_map(|d| &d.map) {
             write_record(&mut t, key, value.as_ref())
                 .map_err(|e| fail("write", &e, is_no_space(&e)))?;
         }

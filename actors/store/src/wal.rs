@@ -3,13 +3,17 @@
 //! allocator state and the header, written all over the file, then synced).
 //!
 //! A commit appends the delta (checksummed, numbered) to `spoolfs.wal` and syncs it; the
-//! barriers waiting for it may then be answered. The delta is then applied to redb with
-//! `Durability::None`. Every `WalLimits::checkpoint_bytes` of log, an empty `Durability::Immediate`
-//! commit makes redb hold everything, records the next entry number in the `meta` table
-//! (`wal_seq`) and the log starts over at offset 0. Deltas too big to be worth writing twice
-//! (bulk content) skip the log: they are committed to redb with `Immediate` directly, which
-//! is also a checkpoint. Meanwhile `writeback` starts the disk on their pages, so
-//! that it writes while redb copies instead of after.
+//! barriers waiting for it may then be answered. The log keeps a copy of the delta, and
+//! writes what it has kept into redb with `Durability::None`, in one transaction, every
+//! `WalLimits::apply_commits` commits or `apply_bytes` bytes; until then the actor reads those
+//! changes from its own copy (`Pending`'s `logged`). A redb transaction per commit cost the
+//! commit thread more CPU than the log append, on a machine whose CPUs the requests need.
+//! Every `WalLimits::checkpoint_bytes` of log, an empty `Durability::Immediate` commit makes
+//! redb hold everything, records the next entry number in the `meta` table (`wal_seq`) and
+//! the log starts over at offset 0. Deltas too big to be worth writing twice (bulk content)
+//! skip the log: they are committed to redb with `Immediate` directly (with the kept
+//! changes before them), which is also a checkpoint. Meanwhile `writeback` starts the disk
+//! on their pages, so that it writes while redb copies instead of after.
 //!
 //! Recovery (mount, `spoolfs fsck`, reopening after an I/O error) replays, in order, the
 //! entries from offset 0 that are intact and numbered `wal_seq`, `wal_seq + 1`, ...; the first
@@ -40,7 +44,7 @@ use redb::{Database, Durability};
 use spoolfs_core::{Dentry, Ino, Kind};
 
 use crate::codec::{decode_inode, encode_inode};
-use crate::pending::{is_no_space, write_delta, write_record, CommitFailure, Delta, Key, Value};
+use crate::pending::{is_no_space, write_deltas, write_record, CommitFailure, Delta, Key, Value};
 use crate::*;
 
 /// File name of the log inside the data directory.
@@ -55,6 +59,10 @@ pub struct WalLimits {
     pub checkpoint_bytes: u64,
     /// Deltas bigger than this go to redb directly (content would otherwise be written twice).
     pub direct_bytes: usize,
+    /// Logged changes are written into redb once this many commits ...
+    pub apply_commits: usize,
+    /// ... or this many bytes of them wait (whichever comes first; and at every checkpoint).
+    pub apply_bytes: usize,
 }
 
 impl Default for WalLimits {
@@ -63,6 +71,8 @@ impl Default for WalLimits {
             capacity: 16 << 20,
             checkpoint_bytes: 4 << 20,
             direct_bytes: 1 << 20,
+            apply_commits: 32,
+            apply_bytes: 256 << 10,
         }
     }
 }
@@ -80,6 +90,7 @@ impl WalLimits {
             capacity,
             checkpoint_bytes: capacity / 4,
             direct_bytes: usize::try_from(capacity / 16).unwrap_or(d.direct_bytes),
+            ..d
         }
     }
 }
@@ -102,6 +113,9 @@ pub struct Wal {
     limits: WalLimits,
     /// The schema version the database had, if opening it upgraded it.
     upgraded_from: Option<u64>,
+    /// Committed changes not yet written into redb, and how many commits they came from.
+    unapplied: Delta,
+    unapplied_commits: usize,
     /// Starts writing a bulk commit's pages while redb still copies them (None if the
     /// database file could not be opened a second time: commits are then only slower).
     writeback: Option<crate::writeback::Writeback>,
@@ -212,6 +226,8 @@ impl Wal {
                 buf: Vec::new(),
                 limits,
                 upgraded_from,
+                unapplied: Delta::default(),
+                unapplied_commits: 0,
                 writeback: File::open(data_dir.join(crate::DB_FILE))
                     .and_then(crate::writeback::Writeback::start)
                     .ok(),
@@ -225,6 +241,11 @@ impl Wal {
         self.pos
     }
 
+    /// Whether committed changes are held by the log and not yet by redb.
+    pub fn has_unapplied(&self) -> bool {
+        !self.unapplied.is_empty()
+    }
+
     /// Make `delta` durable, then apply it to `db` (see the module comment).
     pub fn commit(&mut self, db: &Database, delta: &Delta) -> Result<(), CommitFailure> {
         self.commit_notifying(db, delta, || {})
@@ -233,7 +254,7 @@ impl Wal {
     /// `commit`, calling `on_durable` as soon as the delta is durable: after the log's
     /// fdatasync, before the delta is written to redb (and before a checkpoint), so that the
     /// callers waiting for durability need not wait for those too. If a later step fails,
-    /// the logged entry is replayed when the database is reopened.
+    /// the logged entries are replayed when the database is reopened.
     pub fn commit_notifying(
         &mut self,
         db: &Database,
@@ -269,11 +290,23 @@ impl Wal {
         self.pos += len;
         self.seq += 1;
         on_durable();
-        write_delta(db, delta, Durability::None, None)?;
+        self.unapplied.absorb_copy(delta);
+        self.unapplied_commits += 1;
         if self.pos >= self.limits.checkpoint_bytes {
             self.checkpoint(db, None)?;
+        } else if self.unapplied_commits >= self.limits.apply_commits
+            || self.unapplied.bytes() >= self.limits.apply_bytes
+        {
+            write_deltas(db, &[&self.unapplied], Durability::None, None)?;
+            self.applied();
         }
         Ok(())
+    }
+
+    /// redb holds every logged change.
+    fn applied(&mut self) {
+        self.unapplied = Delta::default();
+        self.unapplied_commits = 0;
     }
 
     /// One durable redb commit (with `delta`, if any) that holds everything logged so far;
@@ -283,14 +316,11 @@ impl Wal {
         db: &Database,
         delta: Option<&Delta>,
     ) -> Result<(), CommitFailure> {
-        let empty = Delta::default();
         let salt = fresh_salt();
-        write_delta(
-            db,
-            delta.unwrap_or(&empty),
-            Durability::Immediate,
-            Some((self.seq, salt)),
-        )?;
+        let mut deltas = vec![&self.unapplied];
+        deltas.extend(delta);
+        write_deltas(db, &deltas, Durability::Immediate, Some((self.seq, salt)))?;
+        self.applied();
         self.pos = 0;
         self.salt = salt;
         Ok(())

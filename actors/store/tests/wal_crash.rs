@@ -18,6 +18,8 @@ fn limits() -> WalLimits {
         capacity: 64 << 10,
         checkpoint_bytes: 16 << 10,
         direct_bytes: 12 << 10,
+        apply_commits: 5,
+        apply_bytes: 8 << 10,
     }
 }
 
@@ -134,4 +136,52 @@ fn every_crash_image_holds_every_commit_after_replay() {
         last_len = len;
     }
     assert!(wraps >= 10, "the log wrapped only {wraps} times");
+}
+
+/// Logged changes reach redb in batches: every `apply_commits` commits, and at a checkpoint;
+/// until then only the log (and the actor's copy) holds them, and the log says so.
+#[test]
+fn logged_changes_reach_redb_in_batches() {
+    use redb::{ReadableDatabase, ReadableTableMetadata};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = open_database(&dir.path().join(DB_FILE)).expect("open");
+    let limits = WalLimits {
+        capacity: 1 << 20,
+        checkpoint_bytes: 512 << 10,
+        direct_bytes: 64 << 10,
+        apply_commits: 3,
+        apply_bytes: 256 << 10,
+    };
+    let (mut wal, _) = Wal::open_with(&db, dir.path(), limits).expect("open log");
+    let stored = |db: &redb::Database| {
+        let txn = db.begin_read().expect("read");
+        txn.open_table(spoolfs_store::INODES)
+            .expect("table")
+            .len()
+            .expect("len")
+    };
+    for (i, in_redb) in [(2, 0), (3, 0), (4, 3), (5, 3), (6, 3), (7, 6), (8, 6)] {
+        let mut delta = Delta::default();
+        delta.set_record(Key::Inode(i), Some(Value::Inode(inode(i, 1))));
+        wal.commit(&db, &delta).expect("commit");
+        assert_eq!(stored(&db), in_redb, "after the commit of inode {i}");
+        assert_eq!(wal.has_unapplied(), in_redb < i - 1, "after inode {i}");
+    }
+    wal.checkpoint(&db, None).expect("checkpoint");
+    assert_eq!(stored(&db), 7, "a checkpoint writes everything logged");
+    assert!(!wal.has_unapplied());
+    // A big delta goes to redb directly, with what was logged before it.
+    let mut delta = Delta::default();
+    delta.set_record(Key::Inode(9), Some(Value::Inode(inode(9, 1))));
+    wal.commit(&db, &delta).expect("commit");
+    assert_eq!(stored(&db), 7);
+    let mut big = Delta::default();
+    big.set_record(Key::Chunk(9, 0), Some(Value::Bytes(vec![1; 100 << 10])));
+    wal.commit(&db, &big).expect("commit");
+    assert_eq!(
+        stored(&db),
+        8,
+        "the logged inode went in with the big delta"
+    );
+    assert!(!wal.has_unapplied());
 }
