@@ -573,10 +573,7 @@ impl Pending {
         for r in snap.orphans.iter().map_err(e)? {
             out.insert(Key::Orphan(r.map_err(e)?.0.value()), Value::Unit);
         }
-        for layer in [Some(&self.logged), self.sealed.as_deref(), Some(&self.cur)]
-            .into_iter()
-            .flatten()
-        {
+        for layer in self.layers() {
             for (k, v) in &layer.map {
                 match v {
                     Some(v) => out.insert(k.clone(), v.clone()),
@@ -587,31 +584,26 @@ impl Pending {
         Ok(out)
     }
 
+    /// The changes held in memory, oldest first: logged, sealed, current.
+    fn layers(&self) -> impl DoubleEndedIterator<Item = &Delta> {
+        [Some(&self.logged), self.sealed.as_deref(), Some(&self.cur)]
+            .into_iter()
+            .flatten()
+    }
+
     fn get(&self, key: &Key) -> StoreResult<Option<Value>> {
-        if let Some(v) = self.cur.map.get(key) {
-            return Ok(v.clone());
+        match self.with_pending(key, |v| v.cloned()) {
+            Some(v) => Ok(v),
+            None => self.snap()?.get(key),
         }
-        if let Some(v) = self.sealed.as_ref().and_then(|s| s.map.get(key)) {
-            return Ok(v.clone());
-        }
-        if let Some(v) = self.logged.map.get(key) {
-            return Ok(v.clone());
-        }
-        self.snap()?.get(key)
     }
 
     /// Apply `f` to the newest version of a record held in memory, if any, without cloning.
     fn with_pending<R>(&self, key: &Key, f: impl FnOnce(Option<&Value>) -> R) -> Option<R> {
-        if let Some(v) = self.cur.map.get(key) {
-            return Some(f(v.as_ref()));
-        }
-        if let Some(v) = self.sealed.as_ref().and_then(|s| s.map.get(key)) {
-            return Some(f(v.as_ref()));
-        }
-        if let Some(v) = self.logged.map.get(key) {
-            return Some(f(v.as_ref()));
-        }
-        None
+        self.layers()
+            .rev()
+            .find_map(|layer| layer.map.get(key))
+            .map(|v| f(v.as_ref()))
     }
 
     /// Pending changes from `from` on, while `pick` maps their keys (it returns `None` past
@@ -623,10 +615,7 @@ impl Pending {
         value: impl Fn(&Value) -> Option<V>,
     ) -> BTreeMap<K, Option<V>> {
         let mut out = BTreeMap::new();
-        for layer in [Some(&self.logged), self.sealed.as_deref(), Some(&self.cur)]
-            .into_iter()
-            .flatten()
-        {
+        for layer in self.layers() {
             for (k, v) in layer.map.range(from..) {
                 let Some(k) = pick(k) else { break };
                 out.insert(k, v.as_ref().and_then(&value));

@@ -45,6 +45,7 @@ use spoolfs_core::{Dentry, Ino, Kind};
 
 use crate::codec::{decode_inode, encode_inode};
 use crate::pending::{is_no_space, write_deltas, write_record, CommitFailure, Delta, Key, Value};
+use crate::writeback::Writeback;
 use crate::*;
 
 /// File name of the log inside the data directory.
@@ -118,7 +119,7 @@ pub struct Wal {
     unapplied_commits: usize,
     /// Starts writing a bulk commit's pages while redb still copies them (None if the
     /// database file could not be opened a second time: commits are then only slower).
-    writeback: Option<crate::writeback::Writeback>,
+    writeback: Option<Writeback>,
 }
 
 fn fail(context: &str, e: impl std::fmt::Display, no_space: bool) -> CommitFailure {
@@ -229,7 +230,7 @@ impl Wal {
                 unapplied: Delta::default(),
                 unapplied_commits: 0,
                 writeback: File::open(data_dir.join(crate::DB_FILE))
-                    .and_then(crate::writeback::Writeback::start)
+                    .and_then(Writeback::start)
                     .ok(),
             },
             replayed,
@@ -262,14 +263,8 @@ impl Wal {
         on_durable: impl FnOnce(),
     ) -> Result<(), CommitFailure> {
         if delta.bytes() > self.limits.direct_bytes {
-            // Taken out for the commit, which borrows the log mutably.
-            let writeback = self.writeback.take();
-            let done = match &writeback {
-                Some(w) => w.during(|| self.checkpoint(db, Some(delta))),
-                None => self.checkpoint(db, Some(delta)),
-            };
-            self.writeback = writeback;
-            done?;
+            let _committing = self.writeback.as_ref().map(Writeback::while_committing);
+            self.checkpoint(db, Some(delta))?;
             on_durable();
             return Ok(());
         }

@@ -61,12 +61,24 @@ impl Writeback {
         Ok(Writeback { shared })
     }
 
-    /// Run `commit` with writeback started every `PERIOD` meanwhile.
-    pub fn during<T>(&self, commit: impl FnOnce() -> T) -> T {
+    /// Start writeback every `PERIOD` until the returned guard is dropped (at the end of the
+    /// commit, however it ends).
+    pub fn while_committing(&self) -> Committing {
         self.shared.set(|s| s.active = true);
-        let result = commit();
+        Committing {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// A commit is running: the helper starts writeback until this is dropped.
+pub struct Committing {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Committing {
+    fn drop(&mut self) {
         self.shared.set(|s| s.active = false);
-        result
     }
 }
 
@@ -161,12 +173,12 @@ mod tests {
         assert!(dirty_pages(&file) > 0, "the written pages start dirty");
         let writeback = Writeback::start(File::open(&path).expect("open")).expect("start");
         let start = Instant::now();
-        let left = writeback.during(|| {
-            while dirty_pages(&file) > 0 && start.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            dirty_pages(&file)
-        });
+        let committing = writeback.while_committing();
+        while dirty_pages(&file) > 0 && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let left = dirty_pages(&file);
+        drop(committing);
         assert_eq!(left, 0, "pages still dirty or under writeback after 10 s");
         // Between commits it stays quiet: new dirty pages are left to the kernel.
         file.write_all_at(&block, 0).expect("rewrite");
